@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..rl.reward import Reward
-from ..rl.scan import DEFAULT_DECODERS, scan_batch
+from ..rl.scan import DEFAULT_DECODERS, results_to_reward, scan_batch
 from ._common import CATEGORY, QRCodeType, RewardType, images_to_numpy, numpy_to_images
 
 DECODER_CHOICES = {
