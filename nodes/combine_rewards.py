@@ -17,7 +17,7 @@ class QRCombineRewards(io.ComfyNode):
         for i, slot in enumerate(_SLOTS):
             inputs.append(RewardType.Input(f"reward_{slot}", optional=i > 0,
                                            tooltip="A QR_REWARD (scan or CLIP) for the same batch of images."))
-            inputs.append(io.Float.Input(f"weight_{slot}", default=1.0, min=-100.0, max=100.0, step=0.05,
+            inputs.append(io.Float.Input(f"weight_{slot}", default=1.0, min=-100.0, max=100.0, step=0.05, optional=i > 0,
                                          tooltip="Multiplies this reward's total; used as given (no renormalising)."))
         return io.Schema(
             node_id="QRCombineRewards",

@@ -71,12 +71,33 @@ class SigmaStrength:
         if sigma > hi or sigma < lo:
             value = 0.0
         else:
-            p = min(max(sigma_to_percent(model_sampling, float(sigma)), s.start_percent), s.end_percent)
+            p = self._snap(model_sampling, float(sigma))
+            if p is None:
+                p = min(max(sigma_to_percent(model_sampling, float(sigma)), s.start_percent), s.end_percent)
             value = float(s.strength_at(p))
         if len(self._cache) > 4096:
             self._cache.clear()
         self._cache[key] = value
         return value
+
+    def _breakpoints(self) -> list[float]:
+        """Progress values where the curve may jump (window borders, step, keyframes)."""
+        s = self.schedule
+        width = s.end_percent - s.start_percent
+        qs = [0.0, 1.0, s.step_at, *(q for q, _ in s.keyframes)]
+        return sorted({min(max(s.start_percent + q * width, 0.0), 1.0) for q in qs})
+
+    def _snap(self, model_sampling, sigma: float) -> float | None:
+        """A breakpoint ``p`` whose ``percent_to_sigma`` is exactly ``sigma``, else None.
+
+        Bisection lands a hair to either side of a border; a step that sits exactly on one
+        (ComfyUI's "normal" scheduler puts steps on round percents) must get the value *at*
+        the border, deterministically.
+        """
+        for p in self._breakpoints():
+            if model_sampling.percent_to_sigma(p) == sigma:
+                return p
+        return None
 
 
 def _scheduled_class(base: type) -> type:

@@ -24,6 +24,9 @@ EXPECTED_NODE_IDS = [
     "QRClipScorerLoader",
     "QRClipSimilarityReward",
     "QRCombineRewards",
+    "QRScheduledControlNetApply",
+    "QRControlNetSamplerRL",
+    "QRTrajectoryRecorder",
 ]
 
 CKPT = "tiny-sd15.safetensors"

@@ -1,0 +1,185 @@
+"""Tier-2 tests of the scheduled ControlNet, the RL sampler and the recorder in a real ComfyUI.
+
+Skipped unless ``COMFYUI_PATH`` is set; they reuse the session's server (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from comfy_helpers import (
+    CKPT,
+    CONTROLNET,
+    node_id,
+    sd15_log_sigmas,
+    sd15_sigma_to_percent,
+    set_inputs,
+    shard_paths,
+    tiny_collect,
+)
+from PIL import Image
+
+from rl.sampling import replay_log_probs, replay_means
+from rl.schedule import StrengthSchedule
+from rl.trajectory import TrajectoryDataset, read_shard
+
+pytestmark = pytest.mark.comfyui
+
+
+def _run_shard(server, workflow, timeout=240):
+    entry = server.run(workflow, timeout=timeout)
+    paths = shard_paths(entry, server.base_dir)
+    assert len(paths) == 1 and paths[0].is_file(), entry.get("outputs")
+    return read_shard(paths[0]), entry
+
+
+def test_collect_workflow_batch2_writes_valid_shard(comfy_server):
+    wf = tiny_collect(batch=2, steps=4, seed=11, run_name="t-batch2")
+    traj, entry = _run_shard(comfy_server, wf)
+    assert traj.batch_size == 2 and traj.num_steps == 4 and traj.latent_shape == (4, 8, 8)
+    assert traj.hint.shape == (2, 3, 64, 64) and traj.cond.shape == (2, 77, 768)
+    meta = traj.meta
+    assert meta["seeds"] == [11, 12] and meta["sampler"] == "qr_rl_stochastic" and meta["scheduler"] == "karras"
+    assert meta["comfyui_version"] and len(meta["base_sha256"]) == 64 and len(meta["controlnet_sha256"]) == 64
+    assert meta["payloads"] == ["https://example.com"] * 2 and meta["qr"][0]["ecc"] == "H"
+    assert meta["prompts"][0].startswith("a medieval village")
+    # per-step strengths are the schedule evaluated at each sigma's ComfyUI percent
+    spec = StrengthSchedule.from_spec(meta["strength_schedule"])
+    log_sigmas = sd15_log_sigmas()
+    expected = [spec.strength_at(sd15_sigma_to_percent(float(s), log_sigmas)) for s in traj.sigma[:-1]]
+    assert torch.allclose(traj.strength, torch.tensor(expected, dtype=torch.float32), atol=1e-4), (traj.strength, expected)
+    assert traj.strength[0] == pytest.approx(1.6) and traj.strength[-1] == pytest.approx(0.8)
+    # the recorded steps replay exactly through rl.sampling
+    means = replay_means(traj.x, traj.denoised, traj.sigma, meta["eta"])
+    resid = (traj.x[:, 1:] - means)[:, -1]
+    assert float(resid.abs().max()) < 1e-5  # last step is deterministic
+    lp = replay_log_probs(traj.x, traj.denoised, traj.sigma, meta["eta"], meta["s_noise"])
+    assert torch.allclose(lp, traj.log_prob, atol=1e-4)
+    assert traj.std[-1] == 0 and bool((traj.std[:-1] > 0).all())
+    assert torch.equal(traj.timestep, torch.tensor([999.0, *traj.timestep[1:-1].tolist(), 0.0]))
+    ui = entry["outputs"][node_id(wf, "Recorder")]["text"][0]
+    assert "wrote" in ui and "batch=2" in ui
+    assert len(TrajectoryDataset(traj.path.parent)) == 1
+
+
+def _refusal(server, wf, pattern):
+    with pytest.raises(RuntimeError, match=pattern):
+        server.run(wf, timeout=240)
+
+
+def test_refuses_chained_controlnet(comfy_server):
+    wf = tiny_collect(seed=21)
+    wf["90"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["4", 0], "negative": ["5", 0], "control_net": ["7", 0], "image": ["8", 0],
+        "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
+    set_inputs(wf, "RL Sampler", positive=["90", 0], negative=["90", 1])
+    _refusal(comfy_server, wf, "already carries a ControlNet")
+
+
+def test_refuses_multiple_conditioning_entries(comfy_server):
+    wf = tiny_collect(seed=22)
+    wf["91"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["4", 0], "conditioning_2": ["5", 0]}}
+    set_inputs(wf, "RL Sampler", positive=["91", 0])
+    _refusal(comfy_server, wf, "2 conditioning entries")
+
+
+def test_refuses_patched_model(comfy_server):
+    wf = tiny_collect(seed=23)
+    wf["92"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "v_prediction", "zsnr": False}}
+    set_inputs(wf, "RL Sampler", model=["92", 0])
+    _refusal(comfy_server, wf, "MODEL is patched")
+
+
+def test_refuses_wrong_checkpoint_name(comfy_server):
+    wf = tiny_collect(seed=24)
+    set_inputs(wf, "RL Sampler", ckpt_name="(none)")
+    _refusal(comfy_server, wf, "no checkpoint file is selected")
+
+
+def test_run_name_cannot_escape(comfy_server):
+    wf = tiny_collect(seed=25, steps=2, run_name="../../x")
+    _refusal(comfy_server, wf, "path separator or '..'")
+    assert not (comfy_server.base_dir / "x").exists()
+
+
+def test_record_off_is_a_plain_sampler(comfy_server):
+    wf = tiny_collect(seed=26, steps=2, record=False)
+    rec = node_id(wf, "Recorder")
+    del wf[rec]
+    wf["93"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "rl_off"}}
+    entry = comfy_server.run(wf, timeout=240)
+    assert len(comfy_server.output_files(entry)) == 1
+
+
+# ---- exact per-step strength vs ComfyUI's chained segments
+
+
+def _txt2img_cn(seed: int, prefix: str, applies: list[dict]) -> dict:
+    """KSampler euler/normal, 3 steps: sigmas (s(999), s(499.5), s(0), 0); the middle sigma is
+    exactly ComfyUI's percent_to_sigma(0.5), i.e. on a segment border."""
+    wf = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "qr art", "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["ckpt", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "cn": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}},
+        "qr": {"class_type": "QRCodeEncode", "inputs": {"payload": "border", "ecc": "H", "version": 0, "mask": -1,
+                                                        "module_px": 2, "border": 3, "dark": "#000000", "light": "#FFFFFF"}},
+    }
+    pos, neg = ["pos", 0], ["neg", 0]
+    for i, a in enumerate(applies):
+        name = f"apply{i}"
+        wf[name] = {"class_type": a["class_type"], "inputs": {
+            "positive": pos, "negative": neg, "control_net": ["cn", 0], "image": ["qr", 0], **a["inputs"]}}
+        pos, neg = [name, 0], [name, 1]
+    wf["sample"] = {"class_type": "KSampler", "inputs": {
+        "model": ["ckpt", 0], "positive": pos, "negative": neg, "latent_image": ["latent", 0], "seed": seed,
+        "steps": 3, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    wf["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}}
+    wf["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}}
+    return wf
+
+
+def _comfy_segment(strength, start, end):
+    return {"class_type": "ControlNetApplyAdvanced",
+            "inputs": {"strength": strength, "start_percent": start, "end_percent": end}}
+
+
+def _ours(curve, a, b, keyframes=""):
+    return {"class_type": "QRScheduledControlNetApply",
+            "inputs": {"curve": curve, "strength_start": a, "strength_end": b, "keyframes": keyframes or "0:1",
+                       "start_percent": 0.0, "end_percent": 1.0}}
+
+
+def _image(server, wf) -> np.ndarray:
+    files = server.output_files(server.run(wf, timeout=240))
+    return np.asarray(Image.open(files[0]), dtype=np.float64)
+
+
+def test_comfy_segments_double_the_border_step_and_ours_does_not(comfy_server):
+    a, b, seed = 2.0, 2.0, 31
+    # ComfyUI: two chained segments sharing the border 0.5 -> the middle step gets a + b
+    chain = _image(comfy_server, _txt2img_cn(seed, "b_chain", [_comfy_segment(a, 0.0, 0.5), _comfy_segment(b, 0.5, 1.0)]))
+    # ours, told to use a+b at the border: reproduces ComfyUI's chain (proves the doubling)
+    doubled = _image(comfy_server, _txt2img_cn(seed, "b_dbl", [_ours("keyframes", a, b, f"0:{a}, 0.5:{a + b}, 1:{b}")]))
+    # ours, a step curve a -> b at 0.5: exactly one strength (b) at the border
+    step = _image(comfy_server, _txt2img_cn(seed, "b_step", [_ours("step", a, b)]))
+    # ComfyUI needs a gap before the border to give one strength per step
+    gapped = _image(comfy_server, _txt2img_cn(seed, "b_gap", [_comfy_segment(a, 0.0, 0.4999), _comfy_segment(b, 0.5, 1.0)]))
+    d_doubled, d_gapped = np.abs(chain - doubled).mean(), np.abs(step - gapped).mean()
+    differ = np.abs(chain - step).mean()
+    print(f"\nmean |diff| (0..255): chain vs ours-doubled {d_doubled:.4f}, ours-step vs gapped chain "
+          f"{d_gapped:.4f}, chain vs ours-step {differ:.4f}")
+    assert d_doubled < 0.05 and d_gapped < 0.05  # float summation order only
+    assert differ > 0.1 and differ > 10 * max(d_doubled, d_gapped), "the border step's strength made no difference"
+
+
+def test_rl_sampler_records_one_strength_at_the_border(comfy_server):
+    a, b = 1.5, 0.5
+    wf = tiny_collect(seed=32, steps=3, scheduler="normal", curve="step", strength_start=a, strength_end=b,
+                      run_name="t-border")
+    traj, _ = _run_shard(comfy_server, wf)
+    assert traj.strength.tolist() == [a, b, b]
+    log_sigmas = sd15_log_sigmas()
+    assert sd15_sigma_to_percent(float(traj.sigma[1]), log_sigmas) == pytest.approx(0.5, abs=1e-6)
