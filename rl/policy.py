@@ -1,0 +1,358 @@
+"""The trainable policy: a frozen SD1.5 UNet plus a ControlNet (LoRA via peft, or full).
+
+Why this exact denoiser: the trainer must recompute the very ``D`` the ComfyUI sampler used,
+or the first PPO update is already off-policy (DESIGN §3). ComfyUI's denoiser for SD1.5
+(eps prediction) is reproduced term by term:
+
+    c_in = 1/sqrt(σ²+1);  t = the recorded model timestep
+    residuals = ControlNet(c_in·x, t, context, hint ∈ [0,1]) · strength   (cond and uncond)
+    eps_c, eps_u = UNet(c_in·x, t, context, residuals)                      (one batched call)
+    eps = eps_u + cfg·(eps_c − eps_u);   D = x − σ·eps
+
+ComfyUI applies CFG to the denoised predictions (``D_u + cfg·(D_c − D_u)``); with
+``D = x − σ·eps`` that is the same number. Strength, sigma, timestep and cfg are per sample,
+so one forward can mix steps of different trajectories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .convert import ensure_model_imports, file_sha256, load_controlnet, load_unet
+from .errors import QRRLError
+
+#: Attention and feed-forward linears of the transformer blocks that get LoRA.
+LORA_LINEAR_PATTERN = re.compile(r".*\.(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2)$")
+ADAPTER_NAME = "default"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters; ``alpha`` defaults to ``rank`` (scale 1)."""
+
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+
+    def peft_config(self, targets: Sequence[str]):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha if self.alpha is not None else self.rank,
+                          lora_dropout=self.dropout, target_modules=list(targets), init_lora_weights=True)
+
+
+def lora_target_modules(controlnet: torch.nn.Module) -> list[str]:
+    """Full names of the ControlNet layers that get LoRA: every Conv2d, attention/FF linears."""
+    out = []
+    for name, module in controlnet.named_modules():
+        if isinstance(module, torch.nn.Conv2d) or (
+            isinstance(module, torch.nn.Linear) and LORA_LINEAR_PATTERN.match("." + name)
+        ):
+            out.append(name)
+    return out
+
+
+def _as_batch(value, batch: int, device, dtype=torch.float32) -> torch.Tensor:
+    t = torch.as_tensor(value, device=device, dtype=dtype).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"expected a scalar or {batch} values, got {t.numel()}")
+    return t
+
+
+class Policy(torch.nn.Module):
+    """Frozen UNet + trainable ControlNet; ``forward`` is :meth:`denoise` (DDP-friendly).
+
+    ``mode``: ``"lora"`` (peft adapter on the layers of :func:`lora_target_modules`) or
+    ``"full"`` (all ControlNet weights train). ``autocast_dtype`` (e.g. ``torch.bfloat16``)
+    runs the networks under autocast on GPU; D and log-probs stay float32.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        controlnet: torch.nn.Module,
+        mode: str = "lora",
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if mode not in ("lora", "full"):
+            raise QRRLError(f"training mode must be 'lora' or 'full', got {mode!r}")
+        self.mode = mode
+        self.lora = lora or LoraSettings()
+        self.unet = unet.eval().requires_grad_(False)
+        self.controlnet = controlnet.eval()
+        self.autocast_dtype = autocast_dtype
+        self.lora_targets: list[str] = []
+        if mode == "lora":
+            ensure_model_imports()
+            from peft import inject_adapter_in_model
+
+            if self.lora.rank < 1:
+                raise QRRLError(f"--lora-rank must be >= 1, got {self.lora.rank}")
+            self.controlnet.requires_grad_(False)
+            self.lora_targets = lora_target_modules(self.controlnet)
+            inject_adapter_in_model(self.lora.peft_config(self.lora_targets), self.controlnet, ADAPTER_NAME)
+            for name, p in self.controlnet.named_parameters():
+                p.requires_grad_(".lora_" in name)
+        else:
+            self.controlnet.requires_grad_(True)
+        self.set_gradient_checkpointing(gradient_checkpointing)
+
+    # ---- bookkeeping
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute activations in backward (UNet and ControlNet): less memory, ~30% more time."""
+        for m in (self.unet, self.controlnet):
+            if enabled:
+                m.enable_gradient_checkpointing()
+            else:
+                m.disable_gradient_checkpointing()
+        self.gradient_checkpointing = enabled
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must keep: the LoRA weights, or the whole ControlNet."""
+        return {n: p.detach() for n, p in self.controlnet.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        params = dict(self.controlnet.named_parameters())
+        wanted = {n for n, p in params.items() if p.requires_grad}
+        if set(sd) != wanted:
+            raise QRRLError(
+                f"checkpoint holds {len(sd)} trainable tensors but this policy has {len(wanted)} "
+                "(different --lora-rank or training mode?); resume with the settings of the run"
+            )
+        with torch.no_grad():
+            for n, t in sd.items():
+                if tuple(t.shape) != tuple(params[n].shape):
+                    raise QRRLError(f"checkpoint tensor {n} has shape {tuple(t.shape)}, expected "
+                                    f"{tuple(params[n].shape)} (different --lora-rank?)")
+                params[n].copy_(t)
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.controlnet.parameters() if p.requires_grad)
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Run as the reference policy (LoRA mode only: the ControlNet without the adapter)."""
+        if self.mode != "lora":
+            raise RuntimeError("adapter_disabled() needs LoRA mode")
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.controlnet.modules() if isinstance(m, BaseTunerLayer)]
+        for m in layers:
+            m.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.enable_adapters(True)
+
+    def merged_controlnet_state_dict(self) -> dict[str, torch.Tensor]:
+        """diffusers-layout ControlNet weights with the LoRA merged in (no copy of the model)."""
+        sd = {k: v.detach() for k, v in self.controlnet.state_dict().items()}
+        if self.mode == "full":
+            return {k: v.clone() for k, v in sd.items()}
+        from peft.tuners.lora import LoraLayer
+
+        out = {k: v.clone() for k, v in sd.items() if ".lora_" not in k and ".base_layer." not in k}
+        for name, module in self.controlnet.named_modules():
+            if isinstance(module, LoraLayer):
+                base = module.get_base_layer()
+                with torch.no_grad():
+                    delta = module.get_delta_weight(ADAPTER_NAME).to(base.weight.dtype)
+                    out[f"{name}.weight"] = (base.weight.detach() + delta).clone()
+                if base.bias is not None:
+                    out[f"{name}.bias"] = base.bias.detach().clone()
+        return out
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights alone, in peft's naming (load with ``set_peft_model_state_dict``)."""
+        if self.mode != "lora":
+            raise RuntimeError("adapter_state_dict() needs LoRA mode")
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.controlnet, adapter_name=ADAPTER_NAME).items()}
+
+    # ---- the denoiser
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.denoise(*args, **kwargs)
+
+    def controlnet_residuals(self, x_in, t, context, hint, scale) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """ControlNet residuals on already c_in-scaled input, each multiplied by ``scale`` [B]."""
+        down, mid = self.controlnet(x_in, t, encoder_hidden_states=context, controlnet_cond=hint,
+                                    conditioning_scale=1.0, return_dict=False)
+        s = scale.view(-1, 1, 1, 1)
+        return [d * s.to(d.dtype) for d in down], mid * s.to(mid.dtype)
+
+    def denoise(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        timestep: torch.Tensor | float,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        hint: torch.Tensor,
+        strength: torch.Tensor | float,
+        cfg: torch.Tensor | float,
+        strength_uncond: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """``D`` [B,C,H,W] float32 for latents ``x`` at per-sample ``sigma``/``timestep``.
+
+        ``hint`` [B,3,8H,8W] float in [0,1] (or uint8, divided by 255). ``strength`` scales
+        the ControlNet on the cond branch, ``strength_uncond`` (default: the same) on the
+        uncond branch (0 = ComfyUI's "apply to negative" off). All per-sample values accept a
+        scalar or a [B] tensor. When every cfg is 1 the uncond branch is skipped, as ComfyUI does.
+        """
+        b = x.shape[0]
+        dev = x.device
+        sig = _as_batch(sigma, b, dev)
+        ts = _as_batch(timestep, b, dev)
+        st_c = _as_batch(strength, b, dev)
+        st_u = st_c if strength_uncond is None else _as_batch(strength_uncond, b, dev)
+        g = _as_batch(cfg, b, dev)
+        if hint.dtype == torch.uint8:
+            hint = hint.float() / 255.0
+        x32 = x.float()
+        c_in = (1.0 / torch.sqrt(sig**2 + 1.0)).view(-1, 1, 1, 1)
+        x_in = x32 * c_in
+        skip_uncond = bool((g == 1.0).all())
+        ctx_dtype = torch.float32
+        branches: list[tuple[torch.Tensor, torch.Tensor]] = []  # (context, strength) per branch
+        if not skip_uncond:
+            branches.append((uncond.to(dev, ctx_dtype), st_u))
+        branches.append((cond.to(dev, ctx_dtype), st_c))
+        use_autocast = self.autocast_dtype is not None and dev.type != "cpu"
+        ac = torch.autocast(dev.type, dtype=self.autocast_dtype) if use_autocast else contextlib.nullcontext()
+        with ac:
+            if len(branches) == 2 and branches[0][0].shape[1:] == branches[1][0].shape[1:]:
+                ctx = torch.cat([branches[0][0], branches[1][0]])
+                scale = torch.cat([branches[0][1], branches[1][1]])
+                eps_u, eps_c = self._eps(torch.cat([x_in, x_in]), torch.cat([ts, ts]), ctx,
+                                         torch.cat([hint, hint]), scale).float().chunk(2)
+            else:  # different context lengths (long prompts): one call per branch, like ComfyUI
+                outs = [self._eps(x_in, ts, ctx, hint, scale).float() for ctx, scale in branches]
+                eps_c = outs[-1]
+                eps_u = outs[0] if len(outs) == 2 else None
+        eps = eps_c if eps_u is None else eps_u + g.view(-1, 1, 1, 1) * (eps_c - eps_u)
+        return x32 - sig.view(-1, 1, 1, 1) * eps
+
+    def _eps(self, x_in, t, context, hint, scale) -> torch.Tensor:
+        hint = hint.to(x_in.device, torch.float32)
+        if bool((scale == 0).all()):  # ControlNet off at this step: ComfyUI does not run it
+            down, mid = None, None
+        else:
+            down, mid = self.controlnet_residuals(x_in, t, context, hint, scale)
+        return self.unet(x_in, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False)[0]
+
+
+@dataclass
+class LoadedPolicy:
+    """A policy plus the identities of the files it came from."""
+
+    policy: Policy
+    base_sha256: str
+    controlnet_sha256: str
+    controlnet_config: dict
+
+
+def load_policy(
+    checkpoint: str | os.PathLike[str],
+    controlnet: str | os.PathLike[str],
+    *,
+    unet_config: str | os.PathLike[str] | Mapping | None = None,
+    controlnet_config: str | os.PathLike[str] | Mapping | None = None,
+    mode: str = "lora",
+    lora: LoraSettings | None = None,
+    gradient_checkpointing: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    hash_files: bool = True,
+) -> LoadedPolicy:
+    """Build a :class:`Policy` from local files only (works with ``HF_HUB_OFFLINE=1``).
+
+    Configs default to the SD1.5 ones shipped in ``rl/configs``; pass the diffusers config
+    folder of a non-standard model (e.g. the tiny test models). A file of the wrong
+    architecture raises ``QRRLError`` naming what was expected and what was found.
+    """
+    from .convert import SD15_CONTROLNET_CONFIG, load_config
+
+    unet = load_unet(checkpoint, unet_config)
+    cn_cfg = load_config(controlnet_config, SD15_CONTROLNET_CONFIG)
+    cn = load_controlnet(controlnet, cn_cfg)
+    pol = Policy(unet, cn, mode=mode, lora=lora, gradient_checkpointing=gradient_checkpointing,
+                 autocast_dtype=autocast_dtype)
+    return LoadedPolicy(
+        policy=pol,
+        base_sha256=file_sha256(checkpoint) if hash_files else "",
+        controlnet_sha256=file_sha256(controlnet) if hash_files else "",
+        controlnet_config={k: v for k, v in dict(cn.config).items() if not k.startswith("_")},
+    )
+
+
+def check_model_patches(patches: Sequence[Mapping], where: str | Path) -> None:
+    """Refuse shards sampled with model patches (e.g. a LoRA on the UNet) we cannot reproduce."""
+    if patches:
+        names = ", ".join(f"{p.get('kind')} {p.get('name')!r}" for p in patches)
+        raise QRRLError(
+            f"{where} was sampled with model patches ({names}); the trainer cannot reproduce them, so "
+            "its log-probs would be off-policy. Record shards without UNet patches (or merge the "
+            "patch into the base checkpoint and pass that as --checkpoint)"
+        )
+
+
+def clone_controlnet(controlnet: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy (full fine-tune reference for the KL term)."""
+    return copy.deepcopy(controlnet).eval().requires_grad_(False)
+
+
+def tiny_configs(width: tuple[int, ...] = (32, 64), context_dim: int = 32) -> tuple[dict, dict]:
+    """(UNet config, ControlNet config) of a tiny SD1.5-shaped pair, for tests and benchmarks.
+
+    One CrossAttn level per width entry (the deepest without attention), one layer per block,
+    a light hint encoder (8x downsampling like SD1.5, few channels).
+    """
+    n = len(width)
+    down = ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"] if n > 1 else ["CrossAttnDownBlock2D"]
+    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1) if n > 1 else ["CrossAttnUpBlock2D"]
+    common = {
+        "in_channels": 4, "block_out_channels": list(width), "layers_per_block": 1,
+        "cross_attention_dim": context_dim, "attention_head_dim": 8, "norm_num_groups": 8,
+        "down_block_types": down,
+    }
+    unet = {**common, "out_channels": 4, "sample_size": 8, "up_block_types": up}
+    cn = {**common, "conditioning_embedding_out_channels": [8, 16, 16, 32]}
+    return unet, cn
+
+
+def build_tiny_models(seed: int = 0, width: tuple[int, ...] = (32, 64), context_dim: int = 32,
+                      zero_conv_std: float = 0.05):
+    """Random tiny ``(unet, controlnet)`` (fp32) from :func:`tiny_configs`.
+
+    The ControlNet's zero convolutions get small random weights: a fresh ControlNet outputs
+    zero residuals, so neither its strength nor its training would change anything.
+    """
+    ensure_model_imports()
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    ucfg, ccfg = tiny_configs(width, context_dim)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**ucfg).eval()
+    torch.manual_seed(seed + 1)
+    cn = ControlNetModel(**ccfg).eval()
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for layer in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * zero_conv_std)
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen) * zero_conv_std)
+    return unet, cn

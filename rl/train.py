@@ -1,0 +1,628 @@
+"""Offline DDPO (PPO-clip) on recorded trajectory shards — the whole loop in one place.
+
+Why offline: trajectories are sampled inside ComfyUI (any workflow, any sampler settings) and
+written as shards; this module only needs the base UNet, the ControlNet and the shards. It
+recomputes log π_old itself with the same denoiser (``rl.policy.Policy.denoise``) and the
+same step formulas (``rl.sampling``), so the recorded log-probs are only a drift check.
+
+Recipe, per run (one curriculum round):
+ 1. read shards (bad ones skipped and named), refuse another base model unless allowed, drop
+    samples with non-finite rewards (counted), refuse UNet patches we cannot reproduce;
+ 2. group-normalised advantages (``rl.ddpo.StatTracker``);
+ 3. a no-grad pass over every trainable unit (sample, step) with the *initial* policy:
+    log π_old (and D_old for the KL term) plus drift against the recording;
+ 4. per epoch: pick a random ``timestep_fraction`` of each sample's stochastic steps inside
+    the ControlNet's active range (std > 0 and strength > 0), shuffle the units, micro-batches
+    of ``batch_size`` units, ``grad_accum`` micro-batches per AdamW step, grad-norm clip;
+    metrics line + PNG curves + atomic checkpoint;
+ 5. export the ControlNet (LoRA merged) that ComfyUI's ControlNetLoader loads, and the adapter.
+
+Randomness per epoch is derived from ``(seed, epoch)``, so a resumed run picks the same units
+as an uninterrupted one. Multi-GPU: HF Accelerate (``accelerate launch -m rl train ...``); every
+process gets the same number of micro-batches, gradients are synchronised by the prepared
+module, only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .ddpo import StatTracker, gaussian_kl, group_key, ppo_clip_loss, ppo_diagnostics
+from .errors import QRRLError
+from .sampling import gaussian_log_prob, step_mean
+
+RUN_STATE_VERSION = 1
+EXPORT_FORMAT = "qr-rl-controlnet"
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; the CLI maps its flags 1:1 onto these fields."""
+
+    trajectories: Sequence[str | os.PathLike[str]]
+    checkpoint: str | os.PathLike[str]
+    controlnet: str | os.PathLike[str]
+    out: str | os.PathLike[str]
+    unet_config: str | os.PathLike[str] | dict | None = None
+    controlnet_config: str | os.PathLike[str] | dict | None = None
+    mode: str = "lora"  # "lora" | "full"
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    epochs: int = 4
+    clip_range: float = 0.02
+    timestep_fraction: float = 0.5
+    kl_coef: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    gradient_checkpointing: bool = False
+    resume: bool = False
+    allow_base_mismatch: bool = False
+    seed: int = 0
+    min_group_size: int = 4
+    adv_clip: float = 5.0
+    stat_buffer: int = 0
+    stats_from: str | os.PathLike[str] | None = None
+    run_dir: str | os.PathLike[str] | None = None
+    run_name: str | None = None
+    round: int | None = None
+    export_dtype: str = "fp16"  # "fp16" | "bf16" | "fp32"
+    export_layout: str = "auto"  # "auto" | "diffusers" | "ldm"
+    cpu: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise QRRLError(msg)
+
+        need(bool(self.trajectories), "give at least one --trajectories folder")
+        need(self.mode in ("lora", "full"), f"mode must be 'lora' or 'full', got {self.mode!r}")
+        need(self.lora_rank >= 1, f"--lora-rank must be >= 1, got {self.lora_rank}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
+        need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        need(0 < self.clip_range < 1, f"--clip-range must be in (0, 1), got {self.clip_range}")
+        need(0 < self.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1], got {self.timestep_fraction}")
+        need(self.kl_coef >= 0, f"--kl-coef must be >= 0, got {self.kl_coef}")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
+        need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        need(self.mixed_precision in ("no", "bf16", "fp16"),
+             f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        need(self.export_dtype in ("fp16", "bf16", "fp32"), f"export dtype must be fp16/bf16/fp32, got {self.export_dtype!r}")
+        need(self.export_layout in ("auto", "diffusers", "ldm"),
+             f"export layout must be auto/diffusers/ldm, got {self.export_layout!r}")
+        need(str(self.out).endswith(".safetensors"), f"--out must end in .safetensors, got {self.out}")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced (paths) and measured (per-epoch metrics, data summary)."""
+
+    out: Path
+    adapter: Path | None
+    run_dir: Path
+    epochs_done: int
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    already_finished: bool = False
+    message: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class _Sample:
+    """One trajectory kept for training (views into its shard's tensors)."""
+
+    x: torch.Tensor  # [K+1,C,H,W]
+    log_prob: torch.Tensor  # [K] as recorded
+    denoised: torch.Tensor  # [K,C,H,W] as recorded
+    sigma: torch.Tensor
+    timestep: torch.Tensor
+    std: torch.Tensor
+    mean_coef: torch.Tensor
+    strength: torch.Tensor
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    hint: torch.Tensor  # uint8 [3,8H,8W]
+    cfg: float
+    apply_to_uncond: bool
+    reward: float
+    active: list[int]  # steps with std > 0 and strength > 0
+    bucket: tuple  # context shapes: samples in one micro-batch must share them
+
+
+def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> tuple[list[_Sample], list, dict]:
+    from .policy import check_model_patches
+    from .trajectory import TrajectoryDataset
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = TrajectoryDataset(list(config.trajectories))
+    for w in caught:
+        log(f"warning: {w.message}")
+    ds.latent_shape  # noqa: B018 - raises QRRLError on mixed latent sizes
+    samples: list[_Sample] = []
+    keys: list = []
+    dropped = 0
+    unknown_base = 0
+    other_cn = 0
+    comps: dict[str, list[float]] = {}
+    for traj in ds:
+        meta = traj.meta
+        check_model_patches(meta.get("model_patches") or [], traj.path)
+        shard_base = meta.get("base_sha256")
+        if shard_base is None:
+            unknown_base += 1
+        elif base_sha and shard_base != base_sha and not config.allow_base_mismatch:
+            raise QRRLError(
+                f"{traj.path} was sampled with base model sha256 {shard_base[:12]}… but --checkpoint is "
+                f"{base_sha[:12]}…; train with the checkpoint the shards were recorded with, or pass "
+                "--allow-base-mismatch (its log-probs will be off-policy)"
+            )
+        if meta.get("controlnet_sha256") not in (None, controlnet_sha):
+            other_cn += 1
+        active = [k for k in range(traj.num_steps) if traj.std[k] > 0 and traj.strength[k] > 0]
+        bucket = (tuple(traj.cond.shape[1:]), tuple(traj.uncond.shape[1:]))
+        peak = float(traj.strength.max())
+        for s in traj.samples():
+            if not s.reward_finite:
+                dropped += 1
+                continue
+            for name, v in s.components.items():
+                comps.setdefault(name, []).append(v)
+            samples.append(_Sample(
+                x=s.x, log_prob=s.log_prob, denoised=s.denoised, sigma=s.sigma, timestep=s.timestep,
+                std=s.std, mean_coef=s.mean_coef, strength=s.strength, cond=s.cond, uncond=s.uncond,
+                hint=s.hint, cfg=float(meta["cfg"]), apply_to_uncond=bool(meta["apply_to_uncond"]),
+                reward=s.reward, active=active, bucket=bucket,
+            ))
+            keys.append(group_key(s.prompt, s.payload, peak))
+    if not samples:
+        raise QRRLError(f"every sample in {len(ds)} shards has a NaN/inf reward ({dropped} dropped); nothing to train on")
+    rewards = np.array([s.reward for s in samples])
+    info = {
+        "shards": len(ds), "shards_skipped": len(ds.skipped), "skipped_files": [str(p) for p, _ in ds.skipped],
+        "samples": len(samples), "dropped_nonfinite_reward": dropped, "shards_unknown_base": unknown_base,
+        "shards_other_controlnet": other_cn, "latent_shape": list(ds.latent_shape),
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+    }
+    for name, vals in comps.items():
+        info[f"{name}_mean"] = float(np.mean(vals))
+    if dropped:
+        log(f"dropped {dropped} samples with NaN/inf rewards")
+    if unknown_base:
+        log(f"warning: {unknown_base} shards do not record their base model hash; assuming --checkpoint")
+    if other_cn:
+        log(f"note: {other_cn} shards were sampled with another ControlNet file; π_old is recomputed, "
+            "so PPO stays consistent, but the recorded log-probs will drift")
+    return samples, keys, info
+
+
+def _batch(samples: list[_Sample], units: Sequence[tuple[int, int]], device) -> dict[str, torch.Tensor]:
+    """Stack the tensors of units (sample index, step) for one forward."""
+    ss = [samples[n] for n, _ in units]
+    ks = [k for _, k in units]
+
+    def col(name: str) -> torch.Tensor:
+        return torch.stack([getattr(s, name)[k] for s, k in zip(ss, ks)]).to(device, torch.float32)
+
+    strength = col("strength")
+    return {
+        "x": torch.stack([s.x[k] for s, k in zip(ss, ks)]).to(device, torch.float32),
+        "x_next": torch.stack([s.x[k + 1] for s, k in zip(ss, ks)]).to(device, torch.float32),
+        "recorded_denoised": torch.stack([s.denoised[k] for s, k in zip(ss, ks)]).to(device, torch.float32),
+        "recorded_log_prob": col("log_prob"),
+        "sigma": col("sigma"), "timestep": col("timestep"), "std": col("std"), "mean_coef": col("mean_coef"),
+        "strength": strength,
+        "strength_uncond": strength * torch.tensor([float(s.apply_to_uncond) for s in ss], device=device),
+        "cfg": torch.tensor([s.cfg for s in ss], device=device, dtype=torch.float32),
+        "cond": torch.stack([s.cond for s in ss]).to(device, torch.float32),
+        "uncond": torch.stack([s.uncond for s in ss]).to(device, torch.float32),
+        "hint": torch.stack([s.hint for s in ss]).to(device).float() / 255.0,
+    }
+
+
+def _denoise(model, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(b["x"], b["sigma"], b["timestep"], b["cond"], b["uncond"], b["hint"], b["strength"], b["cfg"],
+                 strength_uncond=b["strength_uncond"])
+
+
+def _log_prob(b: dict[str, torch.Tensor], denoised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    view = (-1, 1, 1, 1)
+    mean = step_mean(b["x"], denoised.float(), b["mean_coef"].view(view))
+    return gaussian_log_prob(b["x_next"], mean, b["std"].view(view)), mean
+
+
+def _micro_batches(samples: list[_Sample], units: list[tuple[int, int]], size: int, rng) -> list[list[tuple[int, int]]]:
+    by_bucket: dict[tuple, list[tuple[int, int]]] = {}
+    for u in units:
+        by_bucket.setdefault(samples[u[0]].bucket, []).append(u)
+    out = [group[i:i + size] for group in by_bucket.values() for i in range(0, len(group), size)]
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
+                            metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file via a hidden temp file + fsync + ``os.replace``.
+
+    A crash (even ``kill -9``) at any moment leaves either the old file or the new one under
+    ``path``, never a truncated file.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def _save_checkpoint(path: Path, policy, optimizer, state: dict) -> None:
+    tensors = {f"param.{k}": v for k, v in policy.trainable_state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, fields in opt["state"].items():
+        for name, value in fields.items():
+            tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value)
+    meta = {"state": json.dumps({**state, "param_groups": opt["param_groups"]})}
+    atomic_save_safetensors(tensors, path, meta)
+
+
+def _load_checkpoint(path: Path, policy, optimizer) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            state = json.loads((fh.metadata() or {})["state"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as e:
+        raise QRRLError(f"checkpoint {path} is unreadable ({e}); delete it to restart the run") from None
+    if state.get("version") != RUN_STATE_VERSION:
+        raise QRRLError(f"checkpoint {path} has run-state version {state.get('version')}, expected {RUN_STATE_VERSION}")
+    policy.load_trainable_state_dict({k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")})
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    return state
+
+
+def _plot(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["loss", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm", "kl"]
+    names = [n for n in names if any(n in m for m in metrics)]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        xs = [m["epoch"] for m in metrics if name in m]
+        ax.plot(xs, [m[name] for m in metrics if name in m], marker="o")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def export_controlnet(policy, out: Path, controlnet_config: dict, metadata: dict[str, Any],
+                      dtype: str = "fp16", layout: str = "auto") -> tuple[Path, Path | None]:
+    """Write the merged ControlNet (what ComfyUI's ControlNetLoader loads) and the adapter.
+
+    ``layout="auto"``: diffusers keys for the standard SD1.5 config (like QR Code Monster),
+    the original ``control_model.*`` keys otherwise (ComfyUI only recognises diffusers-layout
+    ControlNets of the sizes it knows). Metadata values are JSON strings.
+    """
+    from .convert import SD15_CONTROLNET_CONFIG, controlnet_to_ldm, load_config
+
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    sd = policy.merged_controlnet_state_dict()
+    if layout == "auto":
+        std = load_config(None, SD15_CONTROLNET_CONFIG)
+        same = all(controlnet_config.get(k) == std[k] for k in ("block_out_channels", "layers_per_block",
+                                                                 "cross_attention_dim", "down_block_types"))
+        layout = "diffusers" if same else "ldm"
+    if layout == "ldm":
+        sd = controlnet_to_ldm(sd, controlnet_config)
+    sd = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    meta = {k: json.dumps(v) for k, v in {**metadata, "format": EXPORT_FORMAT, "layout": layout}.items()}
+    atomic_save_safetensors(sd, out, meta)
+    adapter = None
+    if policy.mode == "lora":
+        adapter = out.with_name(out.name[: -len(".safetensors")] + ".adapter.safetensors")
+        lora_meta = {"rank": policy.lora.rank, "alpha": policy.lora.alpha if policy.lora.alpha is not None
+                     else policy.lora.rank, "target_modules": policy.lora_targets}
+        atomic_save_safetensors(policy.adapter_state_dict(), adapter,
+                                {**meta, "format": json.dumps("qr-rl-controlnet-lora"), "lora": json.dumps(lora_meta)})
+    return out, adapter
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(config: TrainConfig, log=None) -> TrainResult:
+    """Run (or resume) one offline DDPO round; see the module docstring for the recipe."""
+    config.validate()
+    from accelerate import Accelerator
+
+    from .convert import ensure_model_imports
+
+    ensure_model_imports()
+    from .policy import LoraSettings, load_policy
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+    main = accelerator.is_main_process
+
+    def say(msg: str) -> None:
+        if main:
+            (log or (lambda m: print(f"qr-rl train: {m}", flush=True)))(msg)
+
+    out = Path(config.out)
+    run_dir = Path(config.run_dir) if config.run_dir else out.with_name(out.name[: -len(".safetensors")] + ".run")
+    ckpt_path, result_path = run_dir / "checkpoint.safetensors", run_dir / "result.json"
+    metrics_path, plot_path = run_dir / "metrics.jsonl", run_dir / "curves.png"
+
+    # ---- run-folder state: never clobber a finished or half-done run by accident
+    if result_path.is_file():
+        done = json.loads(result_path.read_text())
+        if config.resume:
+            msg = (f"run {run_dir} already finished ({done.get('epochs_done')} epochs, output {done.get('out')}); "
+                   "nothing to do")
+            say(msg)
+            adapter = done.get("adapter")
+            return TrainResult(out=Path(done["out"]), adapter=Path(adapter) if adapter else None, run_dir=run_dir,
+                               epochs_done=int(done.get("epochs_done", 0)), data=done.get("data", {}),
+                               already_finished=True, message=msg)
+        raise QRRLError(f"{run_dir} holds a finished run; choose another --out (or --run-dir), or delete that folder")
+    if ckpt_path.is_file() and not config.resume:
+        raise QRRLError(f"{run_dir} holds an unfinished run; pass --resume to continue it, or delete that folder")
+
+    # ---- policy and data
+    torch.manual_seed(config.seed)  # LoRA init is random: same seed, same run (resume equals uninterrupted)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    loaded = load_policy(config.checkpoint, config.controlnet, unet_config=config.unet_config,
+                         controlnet_config=config.controlnet_config, mode=config.mode,
+                         lora=LoraSettings(config.lora_rank, config.lora_alpha),
+                         gradient_checkpointing=config.gradient_checkpointing, autocast_dtype=autocast)
+    policy = loaded.policy
+    samples, keys, data = _load_data(config, loaded.base_sha256, loaded.controlnet_sha256, say)
+    tracker = StatTracker(buffer_size=config.stat_buffer, min_group_size=config.min_group_size, clip=config.adv_clip)
+    if config.stats_from:
+        tracker.load_state_dict(json.loads(Path(config.stats_from).read_text())["stat_tracker"])
+    resume_state = None
+    if config.resume and ckpt_path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt_path), framework="pt") as fh:
+            resume_state = json.loads((fh.metadata() or {}).get("state", "{}"))
+        tracker.load_state_dict(resume_state["stat_tracker_before"])
+    tracker_before = tracker.state_dict()
+    adv = tracker.update(keys, np.array([s.reward for s in samples]))
+    data.update(adv.summary())
+    units = [(n, k) for n, s in enumerate(samples) if adv.mask[n] for k in s.active]
+    if not units:
+        raise QRRLError(
+            "no trainable steps: every sample is in a zero-variance reward group, or every step has std 0 "
+            "(eta = 0 or s_noise = 0) or ControlNet strength 0; record with eta > 0 and varied seeds"
+        )
+    device = accelerator.device
+    policy.to(device)
+
+    # ---- log π_old with the initial policy (before any resumed weights), drift vs recording
+    old_lp: dict[tuple[int, int], float] = {}
+    old_mean: dict[tuple[int, int], torch.Tensor] = {}
+    lp_drift, d_drift, d_scale = [], [], []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for chunk in (units[i:i + 2 * config.batch_size] for i in range(0, len(units), 2 * config.batch_size)):
+            for sub in _micro_batches(samples, chunk, 2 * config.batch_size, np.random.default_rng(0)):
+                b = _batch(samples, sub, device)
+                with accelerator.autocast():
+                    d = policy(b["x"], b["sigma"], b["timestep"], b["cond"], b["uncond"], b["hint"],
+                               b["strength"], b["cfg"], strength_uncond=b["strength_uncond"])
+                lp, mean = _log_prob(b, d)
+                lp_drift.append((lp - b["recorded_log_prob"]).abs().cpu())
+                d_drift.append((d.float() - b["recorded_denoised"]).abs().flatten(1).max(1).values.cpu())
+                d_scale.append(b["recorded_denoised"].abs().flatten(1).max(1).values.cpu())
+                for j, u in enumerate(sub):
+                    old_lp[u] = float(lp[j])
+                    if config.kl_coef > 0:
+                        old_mean[u] = mean[j].detach().to("cpu", torch.float16 if device.type == "cuda" else torch.float32)
+    lp_drift_t, d_drift_t = torch.cat(lp_drift), torch.cat(d_drift)
+    data.update({
+        "units": len(units), "old_pass_s": time.perf_counter() - t0,
+        "logp_drift_mean_abs": float(lp_drift_t.mean()), "logp_drift_max_abs": float(lp_drift_t.max()),
+        "denoised_drift_max_abs": float(d_drift_t.max()),
+        "denoised_drift_max_rel": float((d_drift_t / torch.cat(d_scale).clamp(min=1e-6)).max()),
+    })
+    say(f"{data['samples']} samples from {data['shards']} shards ({data['shards_skipped']} skipped, "
+        f"{data['dropped_nonfinite_reward']} NaN/inf rewards dropped), {len(units)} trainable steps; "
+        f"reward {data['reward_mean']:.4f} ± {data['reward_std']:.4f}; log-prob drift vs recording "
+        f"mean {data['logp_drift_mean_abs']:.2e} max {data['logp_drift_max_abs']:.2e}")
+    if data["logp_drift_max_abs"] > 1e-2:
+        say("warning: recorded log-probs differ from recomputed ones by more than 1e-2: the shards were "
+            "probably sampled with another model, ControlNet, sampler setting or precision")
+
+    # ---- optimiser, accelerate, resume
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    raw = accelerator.unwrap_model(model)
+    metrics: list[dict[str, Any]] = []
+    start_epoch, global_step = 0, 0
+    if resume_state is not None:
+        state = _load_checkpoint(ckpt_path, raw, optimizer)
+        start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
+        if metrics_path.is_file():
+            metrics = [m for m in map(json.loads, metrics_path.read_text().splitlines())
+                       if m.get("epoch", 0) <= start_epoch and "epoch" in m]
+        say(f"resuming after epoch {start_epoch} (step {global_step})")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    from tqdm.auto import tqdm
+
+    procs, rank = accelerator.num_processes, accelerator.process_index
+    for epoch in range(start_epoch, config.epochs):
+        rng = np.random.default_rng([config.seed, epoch])
+        chosen: list[tuple[int, int]] = []
+        for n, s in enumerate(samples):
+            if not adv.mask[n] or not s.active:
+                continue
+            m = max(1, round(config.timestep_fraction * len(s.active)))
+            chosen.extend((n, int(k)) for k in rng.choice(s.active, size=m, replace=False))
+        mbs = _micro_batches(samples, chosen, config.batch_size, rng)
+        if procs > 1:  # equal work per process or DDP hangs
+            per = max(1, len(mbs) // procs)
+            mbs = (mbs * procs)[: per * procs][rank::procs]
+        model.train()
+        t_ep = time.perf_counter()
+        stats: dict[str, list[float]] = {"loss": [], "kl": [], "grad_norm": []}
+        new_lps, old_lps = [], []
+        bar = tqdm(total=len(mbs), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (main and config.progress),
+                   leave=False)
+        for g0 in range(0, len(mbs), config.grad_accum):
+            group = mbs[g0:g0 + config.grad_accum]
+            for j, mb in enumerate(group):
+                b = _batch(samples, mb, device)
+                old = torch.tensor([old_lp[u] for u in mb], device=device)
+                a = adv.values[[n for n, _ in mb]].to(device)
+                sync = j == len(group) - 1
+                ctx = accelerator.no_sync(model) if not sync else _null()
+                with ctx:
+                    with accelerator.autocast():
+                        d = _denoise(model, b)
+                    lp, mean = _log_prob(b, d)
+                    loss, _ = ppo_clip_loss(lp, old, a, config.clip_range)
+                    if config.kl_coef > 0:
+                        ref = torch.stack([old_mean[u] for u in mb]).to(device, torch.float32)
+                        kl = gaussian_kl(mean, ref, b["std"]).mean()
+                        loss = loss + config.kl_coef * kl
+                        stats["kl"].append(float(kl.detach()))
+                    accelerator.backward(loss / len(group))
+                stats["loss"].append(float(loss.detach()))
+                new_lps.append(lp.detach().cpu())
+                old_lps.append(old.cpu())
+                bar.update(1)
+            gn = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            stats["grad_norm"].append(float(gn) if gn is not None else math.nan)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+        bar.close()
+        diag = ppo_diagnostics(torch.cat(new_lps), torch.cat(old_lps), config.clip_range) if new_lps else {}
+        row: dict[str, Any] = {
+            "epoch": epoch + 1, "step": global_step, "units": len(chosen), "micro_batches": len(mbs),
+            "seconds": time.perf_counter() - t_ep, "lr": config.lr,
+            "reward_mean": data["reward_mean"], "reward_std": data["reward_std"],
+            **({"decode_rate": data["decoded_mean"]} if "decoded_mean" in data else {}),
+            **{k: float(np.mean(v)) for k, v in stats.items() if v}, **diag,
+        }
+        row["samples_steps_per_s"] = len(mbs) and sum(len(mb) for mb in mbs) / row["seconds"]
+        metrics.append(row)
+        say(f"epoch {epoch + 1}: loss {row.get('loss', math.nan):+.4f} clip {row.get('clip_fraction', math.nan):.3f} "
+            f"approx_kl {row.get('approx_kl', math.nan):.2e} ratio [{row.get('ratio_min', math.nan):.4f}, "
+            f"{row.get('ratio_max', math.nan):.4f}] grad {row.get('grad_norm', math.nan):.3g} "
+            f"({row['samples_steps_per_s']:.1f} samples·steps/s)")
+        accelerator.wait_for_everyone()
+        if main:
+            _atomic_write_bytes(metrics_path, "".join(json.dumps(m) + "\n" for m in [{"data": data}] + metrics).encode())
+            _plot(metrics, plot_path)
+            _save_checkpoint(ckpt_path, raw, optimizer, {
+                "version": RUN_STATE_VERSION, "epoch": epoch + 1, "global_step": global_step,
+                "stat_tracker_before": tracker_before, "config": _config_summary(config),
+            })
+
+    # ---- export
+    accelerator.wait_for_everyone()
+    adapter_path = None
+    if main:
+        meta = {
+            "base_sha256": loaded.base_sha256, "source_controlnet_sha256": loaded.controlnet_sha256,
+            "training_run": config.run_name or run_dir.name, "round": config.round, "epochs": config.epochs,
+            "mode": config.mode, "lora_rank": config.lora_rank if config.mode == "lora" else None,
+            "samples": data["samples"], "reward_mean": data["reward_mean"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        out, adapter_path = export_controlnet(raw, out, loaded.controlnet_config, meta,
+                                              config.export_dtype, config.export_layout)
+        _write_json(run_dir / "stat_tracker.json", {"stat_tracker": tracker.state_dict()})
+        _write_json(result_path, {"out": str(out), "adapter": str(adapter_path) if adapter_path else None,
+                                  "epochs_done": config.epochs, "data": data, "finished": True})
+        say(f"wrote {out}" + (f" and {adapter_path}" if adapter_path else ""))
+    accelerator.wait_for_everyone()
+    return TrainResult(out=out, adapter=adapter_path, run_dir=run_dir, epochs_done=config.epochs,
+                       metrics=metrics, data=data)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _config_summary(config: TrainConfig) -> dict[str, Any]:
+    d = asdict(config)
+    return {k: (str(v) if isinstance(v, os.PathLike) else [str(x) for x in v] if k == "trajectories" else v)
+            for k, v in d.items() if not isinstance(v, dict)}
