@@ -1,4 +1,7 @@
-"""rl/train.py end to end on a tiny UNet + ControlNet: exact replay, learning, bad input, resume."""
+"""rl/train.py end to end on a tiny UNet + ControlNet: exact replay, bad input, resume, CLI.
+
+That the trainer *learns* (reward rises over rounds) is shown in tests/test_learning.py.
+"""
 
 from __future__ import annotations
 
@@ -132,41 +135,6 @@ def test_recomputed_log_probs_equal_recorded(models, shards, tmp_path):
     m = res.metrics[0]
     assert abs(m["ratio_max"] - 1) < 1e-4 and abs(m["ratio_min"] - 1) < 1e-4
     assert (res.run_dir / "metrics.jsonl").is_file() and (res.run_dir / "curves.png").stat().st_size > 1000
-
-
-def _eval_reward(models: Models, cn_path: Path | None, seeds) -> float:
-    pol, _, _ = models.policy(cn_path)
-    reward, _ = models.sample(pol, seeds, models.root, "", "", write=False)
-    return float(reward.mean())
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(reason="learning not yet shown on the tiny model within the helper's time budget: "
-                   "reward moved +0.003..+0.006 in 2 rounds (see report); needs tuning of lr/reward/rounds",
-                   strict=False)
-def test_it_learns(models, tmp_path):
-    """Sample → reward → train, 3 rounds; reward on fixed held-out seeds rises far outside noise."""
-    eval_seeds = list(range(1000, 1032))
-    start = _eval_reward(models, None, eval_seeds)
-    cn_path = None
-    history = [start]
-    diags = []
-    for rnd in range(3):
-        pol, base, cn = models.policy(cn_path)
-        folder = tmp_path / f"round{rnd}"
-        for i in range(4):  # 4 shards × 8 samples, one group (same prompt/payload/strength)
-            models.sample(pol, [rnd * 100 + i * 8 + j for j in range(8)], folder, base, cn)
-        out = tmp_path / f"cn-r{rnd}.safetensors"
-        cfg = models.config([folder], out, controlnet=cn_path or models.cn_path, epochs=4, lr=3e-3,
-                            timestep_fraction=0.5, batch_size=8, clip_range=0.05, lora_rank=4)
-        res = train(cfg, log=lambda m: None)
-        diags.extend(res.metrics)
-        cn_path = res.out
-        history.append(_eval_reward(models, cn_path, eval_seeds))
-    # noise scale: per-image reward std / sqrt(n) at the start is ~0.02
-    assert history[-1] - history[0] > 0.08, history
-    assert all(m["clip_fraction"] < 0.9 for m in diags), [m["clip_fraction"] for m in diags]
-    assert all(m["approx_kl"] < 0.05 for m in diags), [m["approx_kl"] for m in diags]
 
 
 def test_resume_on_finished_run_changes_nothing(models, shards, tmp_path):
