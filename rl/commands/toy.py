@@ -1,0 +1,59 @@
+"""``qr-rl toy pretrain``: train the embedded toy QR-art model (text encoder, UNet, ControlNet, CLIP).
+
+Why a command: the shipped weights in ``rl/assets/toy`` are made by exactly this command, so
+anyone can reproduce (or retune) them on a CPU in under half an hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "toy",
+        help="the embedded toy QR-art model (pretrain)",
+        description="Tools for the embedded toy model that `qr-rl demo` fine-tunes.",
+    )
+    sub = p.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
+    pre = sub.add_parser(
+        "pretrain",
+        help="train the toy model from scratch (~20-30 CPU-minutes with the defaults)",
+        description=(
+            "Train the toy world's text encoder + UNet (base art only), then a QR ControlNet (QR codes "
+            "woven into the art, visibility growing with strength), then a tiny CLIP for the art reward; "
+            "calibrate the demo/high strengths and write a model folder (safetensors + JSON)."
+        ),
+    )
+    pre.add_argument("--out", required=True, help="output folder for the model (created; files are replaced)")
+    pre.add_argument("--seed", type=int, default=0, help="random seed (the shipped model uses 0)")
+    pre.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder training steps (default 1000)")
+    pre.add_argument("--controlnet-steps", type=int, default=None, help="ControlNet training steps (default 400)")
+    pre.add_argument("--clip-steps", type=int, default=None, help="tiny CLIP training steps (default 300)")
+    pre.add_argument("--steps", type=int, default=None,
+                     help="shortcut: set all three step counts to this value (for smoke tests)")
+    pre.add_argument("--batch-size", type=int, default=None, help="training batch size (default 16)")
+    pre.add_argument("--calibrate-samples", type=int, default=None,
+                     help="samples per strength for calibrating the demo/high strengths (default 32; 0 = skip)")
+    pre.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.set_defaults(func=run_pretrain)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from ..errors import QRRLError
+    from ..toy import PretrainConfig, pretrain
+
+    kw = {}
+    if args.steps is not None:
+        kw.update(unet_steps=args.steps, controlnet_steps=args.steps, clip_steps=args.steps)
+    for name in ("unet_steps", "controlnet_steps", "clip_steps", "batch_size", "calibrate_samples", "threads"):
+        value = getattr(args, name)
+        if value is not None:
+            kw[name] = value
+    for name in ("unet_steps", "controlnet_steps", "clip_steps", "batch_size"):
+        if name in kw and kw[name] < 1:
+            raise QRRLError(f"--{name.replace('_', '-')} must be >= 1, got {kw[name]}")
+    pretrain(PretrainConfig(out=args.out, seed=args.seed, **kw), progress=not args.no_progress)
+    return 0

@@ -1,0 +1,366 @@
+"""``qr-rl demo``: RL + curriculum make the embedded toy model's QR art scan, on a CPU.
+
+Why this exists: it is the README's first command. A newcomer with no GPU and no network sees
+the whole loop of the real system run end to end -- and see it work -- in minutes:
+
+  pretrained toy ControlNet ─► [round r: strength s_r from the curriculum (high → demo)]
+      encode QR codes (rl.qr) ─► sample with recording (rl.sampling.sample_loop + Policy.denoise)
+      ─► scan reward (rl.scan) + art reward (tiny CLIP via rl.clip_score) ─► shards (rl.trajectory)
+      ─► offline DDPO on the shards (rl.train.train: PPO-clip, exported ControlNet) ─► next round
+  ─► before/after at the demo strength: decode rate, module accuracy, art similarity.
+
+Nothing here re-implements the algorithm: the demo only orchestrates the same modules the
+ComfyUI loop uses, with the toy model of :mod:`rl.toy` standing in for SD1.5.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import toy_world as world
+from .errors import QRRLError
+
+
+@dataclass
+class DemoConfig:
+    """Settings of one demo run (the CLI maps its flags onto these)."""
+
+    out: str | os.PathLike[str]
+    model: str | os.PathLike[str] | None = None  # toy model folder; None = shipped
+    rounds: int = 8
+    curriculum: str = "linear"  # constant | linear | cosine | exponential | adaptive | none
+    start_strength: float | None = None  # default: the model's high strength
+    strength: float | None = None  # the demo (end) strength; default: the model's
+    hold_rounds: int = 2  # final rounds spent at the demo strength
+    groups: int = 8  # (prompt, payload) groups per round
+    group_size: int = 4  # seeds per group (advantages are normalised inside a group)
+    eval_samples: int = 32
+    clip_weight: float = 0.5
+    mode: str = "full"
+    lr: float = 1e-4
+    epochs: int = 2
+    clip_range: float = 0.1
+    timestep_fraction: float = 0.5
+    train_batch_size: int = 16
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+    keep_shards: bool = True
+
+    @classmethod
+    def quick(cls, out: str | os.PathLike[str], **kw: Any) -> DemoConfig:
+        """The ≤ 2-minute settings the tests use (2 rounds × 8 samples, 8 eval samples)."""
+        base = {"rounds": 2, "hold_rounds": 1, "groups": 2, "group_size": 4, "eval_samples": 8, "epochs": 1}
+        base.update(kw)
+        return cls(out=out, **base)
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise QRRLError(msg)
+
+        need(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
+        need(0 <= self.hold_rounds <= self.rounds, f"--hold-rounds must be in [0, rounds={self.rounds}]")
+        need(self.groups >= 1 and self.group_size >= 2, "need --groups >= 1 and --group-size >= 2")
+        need(self.eval_samples >= 1, f"--eval-samples must be >= 1, got {self.eval_samples}")
+        need(self.clip_weight >= 0, f"--clip-weight must be >= 0, got {self.clip_weight}")
+        need(self.curriculum in ("none", "constant", "linear", "cosine", "exponential", "adaptive"),
+             f"unknown --curriculum {self.curriculum!r}: use none, linear, cosine, exponential or adaptive")
+
+
+@dataclass
+class DemoResult:
+    """Paths written and the numbers measured (also in ``summary.json``)."""
+
+    out: Path
+    summary: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _strength_plan(cfg: DemoConfig, high: float, low: float):
+    """Curriculum over the first ``rounds - hold_rounds`` rounds, then ``hold_rounds`` at ``low``."""
+    from .schedule import Curriculum
+
+    if cfg.curriculum == "none" or high <= low:
+        return None
+    ramp = cfg.rounds - cfg.hold_rounds
+    if ramp < 1:
+        return None
+    # rounds=ramp+1: round `ramp` (the first held round) is where the curve reaches `low`
+    return Curriculum(kind=cfg.curriculum, start=high, end=low, rounds=ramp + 1, target_decode_rate=0.8)
+
+
+def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: int, cfg: DemoConfig,
+                  round_dir: Path, scorer, base_sha: str) -> dict[str, Any]:
+    """Sample ``groups × group_size`` trajectories at ``strength``, score them, write one shard
+    into ``round_dir/shards``."""
+    from .convert import file_sha256
+    from .reward import combine_rewards
+    from .scan import scan_reward
+    from .toy import images_hwc_uint8, sample
+    from .trajectory import Trajectory, write_shard
+
+    rng = np.random.default_rng([cfg.seed, 1000 + r])
+    specs = world.all_specs()
+    from .toy import DEMO_PAYLOADS
+
+    prompts, payloads, seeds = [], [], []
+    for g in range(cfg.groups):
+        spec = specs[int(rng.integers(0, len(specs)))]
+        payload = DEMO_PAYLOADS[(r * cfg.groups + g) % len(DEMO_PAYLOADS)]
+        for _ in range(cfg.group_size):
+            prompts.append(spec.prompt)
+            payloads.append(payload)
+            seeds.append(int(rng.integers(0, 2**31 - 1)))
+    codes = [world.toy_code(p) for p in payloads]
+    out = sample(model, prompts, codes, seeds, strength, controlnet=controlnet)
+    base = sample(model, prompts, None, seeds, 0.0, record=False).images
+    scan = scan_reward(images_hwc_uint8(out.images), codes)
+    art = model.art_reward(out.images, prompts, base, scorer)
+    reward = combine_rewards([scan, art], [1.0, cfg.clip_weight])
+    info = model.info
+    meta = {
+        "cfg": float(info["sampling"]["cfg"]), "sampler": "qr_rl_toy",
+        "scheduler": info["sampling"].get("scheduler", "simple-sd"),
+        "prompts": prompts, "payloads": payloads, "qr": [c.to_metadata() for c in codes],
+        "strength_schedule": {"curve": "constant", "strength_start": strength, "strength_end": strength,
+                              "start_percent": 0.0, "end_percent": 1.0, "keyframes": [], "step_at": 0.5},
+        "base_sha256": base_sha, "controlnet_sha256": file_sha256(controlnet_path),
+        "curriculum_round": r, "policy_version": r,
+    }
+    traj = Trajectory.from_record(out.record, timestep=out.timesteps, cond=out.cond, uncond=out.uncond,
+                                  hint=out.hints, reward=reward, meta=meta)
+    path = write_shard(traj, round_dir, "shards", prefix=f"round-{r:03d}")
+    comp = reward.components
+    return {
+        "round": r, "strength": float(strength), "samples": len(prompts), "shard": str(path),
+        "decode_rate": float(comp["decoded"].mean()), "module_accuracy": float(comp["module_accuracy"].mean()),
+        "art_similarity": float(comp["clip_image"].mean()), "text_similarity": float(comp["clip_text"].mean()),
+        "reward": float(reward.total.mean()),
+    }
+
+
+def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: int, cfg: DemoConfig,
+                log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+    """One offline DDPO round on this round's shards with ``rl.train.train``; returns the new ControlNet."""
+    from .train import TrainConfig, train
+
+    tc = TrainConfig(
+        trajectories=[str(shard_folder)], checkpoint=model.unet_path, controlnet=controlnet_path, out=out,
+        unet_config=model.unet_config_path, controlnet_config=model.controlnet_config_path, mode=cfg.mode,
+        lr=cfg.lr, epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction,
+        batch_size=cfg.train_batch_size, seed=cfg.seed * 100 + r, run_name="demo", round=r,
+        export_dtype="fp32", export_layout="diffusers", cpu=True, progress=False, min_group_size=cfg.group_size,
+    )
+    res = train(tc, log=log)
+    last = res.metrics[-1] if res.metrics else {}
+    keep = ("loss", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm")
+    return Path(res.out), {k: float(last[k]) for k in keep if k in last} | {
+        "logp_drift_max_abs": float(res.data.get("logp_drift_max_abs", math.nan))}
+
+
+def _evaluate(model, controlnet, strength: float, cfg: DemoConfig, scorer, base_images) -> dict[str, Any]:
+    from .toy import measure
+
+    seeds = list(range(50_000 + 1000 * cfg.seed, 50_000 + 1000 * cfg.seed + cfg.eval_samples))
+    return measure(model, strength, seeds, controlnet=controlnet, scorer=scorer, base_images=base_images)
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoResult:
+    """The whole demo; writes the report folder and returns the summary."""
+    cfg.validate()
+    from tqdm.auto import tqdm
+
+    from .convert import file_sha256, load_controlnet
+    from .toy import ToyModel, eval_prompts_codes, sample
+
+    say = log or (lambda m: tqdm.write(f"qr-rl demo: {m}"))
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    t_start = time.perf_counter()
+    cpu_start = time.process_time()
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()):
+        raise QRRLError(f"{out} is not empty; choose another --out (the demo never overwrites a report)")
+    out.mkdir(parents=True, exist_ok=True)
+    model = ToyModel.load(cfg.model)
+    low = float(cfg.strength if cfg.strength is not None else model.demo_strength)
+    high = float(cfg.start_strength if cfg.start_strength is not None else model.high_strength)
+    plan = _strength_plan(cfg, high, low)
+    scorer = model.clip_scorer()
+    base_sha = file_sha256(model.unet_path)
+    say(f"toy model {model.folder} (demo strength {low}, curriculum {cfg.curriculum} {high} → {low}); "
+        f"{cfg.rounds} rounds × {cfg.groups * cfg.group_size} samples")
+
+    # ---- before
+    prompts, _, _ = eval_prompts_codes(cfg.eval_samples)
+    seeds = list(range(50_000 + 1000 * cfg.seed, 50_000 + 1000 * cfg.seed + cfg.eval_samples))
+    base_images = sample(model, prompts, None, seeds, 0.0, record=False).images
+    before = _evaluate(model, None, low, cfg, scorer, base_images)
+    say(f"before RL at strength {low}: decode {before['decode_rate']:.0%}, module accuracy "
+        f"{before['module_accuracy']:.3f}, art {before['art_similarity']:.3f}")
+
+    # ---- rounds
+    cn_path = model.controlnet_path
+    controlnet = None
+    rounds: list[dict[str, Any]] = []
+    history: list[float] = []
+    bar = tqdm(total=cfg.rounds, desc="RL rounds", unit="round", disable=not cfg.progress)
+    for r in range(cfg.rounds):
+        if plan is None or r >= cfg.rounds - cfg.hold_rounds:
+            strength = low
+        else:
+            strength = plan.strength_for_round(r, history)
+        round_dir = out / "rounds" / f"r{r:03d}"
+        t0 = time.perf_counter()
+        row = collect_round(model, controlnet, cn_path, strength, r, cfg, round_dir, scorer, base_sha)
+        row["collect_s"] = round(time.perf_counter() - t0, 1)
+        history.append(row["decode_rate"])
+        round_shards = Path(row["shard"]).parent
+        t0 = time.perf_counter()
+        new_path, train_stats = train_round(model, round_shards, cn_path, out / "rounds" / f"r{r:03d}" /
+                                            "controlnet.safetensors", r, cfg, lambda m: None)
+        row.update(train_stats)
+        row["train_s"] = round(time.perf_counter() - t0, 1)
+        cn_path = new_path
+        controlnet = load_controlnet(cn_path, model.controlnet_config_path).requires_grad_(False)
+        rounds.append(row)
+        bar.update(1)
+        bar.set_postfix(strength=f"{strength:.2f}", decode=f"{row['decode_rate']:.0%}", art=f"{row['art_similarity']:.2f}")
+        say(f"round {r + 1}/{cfg.rounds}: strength {strength:.2f}, decode {row['decode_rate']:.0%}, module accuracy "
+            f"{row['module_accuracy']:.3f}, art {row['art_similarity']:.3f}, reward {row['reward']:.3f} "
+            f"(collect {row['collect_s']} s, train {row['train_s']} s)")
+    bar.close()
+    if not cfg.keep_shards:
+        shutil.rmtree(out / "rounds", ignore_errors=True)
+
+    # ---- after
+    after = _evaluate(model, controlnet, low, cfg, scorer, base_images)
+    final_cn = out / "controlnet.safetensors"
+    shutil.copyfile(cn_path, final_cn.with_name(".controlnet.tmp"))
+    os.replace(final_cn.with_name(".controlnet.tmp"), final_cn)
+    wall = time.perf_counter() - t_start
+    keys = ("decode_rate", "module_accuracy", "art_similarity", "text_similarity")
+    summary: dict[str, Any] = {
+        "model": str(model.folder), "demo_strength": low, "start_strength": high, "curriculum": cfg.curriculum,
+        "strengths": [row["strength"] for row in rounds], "rounds": cfg.rounds,
+        "samples_per_round": cfg.groups * cfg.group_size, "eval_samples": cfg.eval_samples,
+        "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
+        "art_similarity_change": (after["art_similarity"] - before["art_similarity"]) / max(1e-9, before["art_similarity"]),
+        "wall_time_s": round(wall, 1), "cpu_time_s": round(time.process_time() - cpu_start, 1),
+        "threads": torch.get_num_threads(), "config": {k: (str(v) if isinstance(v, Path) else v)
+                                                        for k, v in asdict(cfg).items()},
+        "files": {"controlnet": str(final_cn), "curves": str(out / "curves.png"), "samples": str(out / "samples.png"),
+                  "table": str(out / "table.md"), "rounds": str(out / "rounds.jsonl")},
+    }
+    _write_text(out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rounds))
+    _write_text(out / "table.md", before_after_table(summary))
+    plot_curves(rounds, before, after, out / "curves.png")
+    sample_grid(base_images, before["images"], after["images"], out / "samples.png")
+    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(screen_summary(summary), flush=True)
+    return DemoResult(out=out, summary=summary, rounds=rounds)
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def before_after_table(summary: dict[str, Any]) -> str:
+    """Markdown table of the before/after numbers at the demo strength."""
+    b, a = summary["before"], summary["after"]
+    rows = [("decode rate", "decode_rate", "{:.0%}"), ("module accuracy", "module_accuracy", "{:.3f}"),
+            ("art similarity (clip_image)", "art_similarity", "{:.3f}"),
+            ("prompt similarity (clip_text)", "text_similarity", "{:.3f}")]
+    lines = [f"At ControlNet strength {summary['demo_strength']} ({summary['eval_samples']} fixed evaluation samples):",
+             "", "| metric | pretrained ControlNet | after RL |", "|---|---|---|"]
+    for label, key, fmt in rows:
+        lines.append(f"| {label} | {fmt.format(b[key])} | {fmt.format(a[key])} |")
+    return "\n".join(lines) + "\n"
+
+
+def screen_summary(summary: dict[str, Any]) -> str:
+    b, a = summary["before"], summary["after"]
+    strengths = " → ".join(f"{s:.2f}" for s in summary["strengths"])
+    return "\n".join([
+        "",
+        "=" * 66,
+        f" QR-RL demo: {summary['rounds']} RL rounds, curriculum {summary['curriculum']}: {strengths}",
+        f" evaluated at the demo strength {summary['demo_strength']} on {summary['eval_samples']} fixed samples",
+        "-" * 66,
+        f" {'':28s}{'pretrained':>14s}{'after RL':>14s}",
+        f" {'decode rate':28s}{b['decode_rate']:>14.0%}{a['decode_rate']:>14.0%}",
+        f" {'module accuracy':28s}{b['module_accuracy']:>14.3f}{a['module_accuracy']:>14.3f}",
+        f" {'art similarity':28s}{b['art_similarity']:>14.3f}{a['art_similarity']:>14.3f}",
+        f" {'prompt similarity':28s}{b['text_similarity']:>14.3f}{a['text_similarity']:>14.3f}",
+        "-" * 66,
+        f" wall time {summary['wall_time_s'] / 60:.1f} min; report in {Path(summary['files']['table']).parent}",
+        "   summary.json, table.md, curves.png, samples.png, controlnet.safetensors",
+        "=" * 66,
+    ])
+
+
+def plot_curves(rounds: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any], path: Path) -> None:
+    """Per-round decode rate / module accuracy / art similarity / strength of the collected samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["round"] + 1 for r in rounds]
+    panels = [("decode_rate", "decode rate"), ("module_accuracy", "module accuracy"),
+              ("art_similarity", "art similarity"), ("reward", "reward"), ("strength", "ControlNet strength")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 2.8))
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(xs, [r[key] for r in rounds], marker="o", label="training samples")
+        if key in before:
+            ax.axhline(before[key], color="gray", ls="--", lw=1, label="before (eval)")
+            ax.axhline(after[key], color="green", ls="--", lw=1, label="after (eval)")
+        ax.set_title(title)
+        ax.set_xlabel("round")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def sample_grid(base: torch.Tensor, before: torch.Tensor, after: torch.Tensor, path: Path, n: int = 8,
+                scale: int = 2) -> Path:
+    """PNG: rows = no ControlNet / pretrained ControlNet / after RL, for the first ``n`` eval samples."""
+    from .image_io import save_png
+    from .toy import images_hwc_uint8
+
+    n = min(n, base.shape[0])
+    rows = []
+    for imgs in (base, before, after):
+        arr = images_hwc_uint8(imgs[:n])
+        arr = np.concatenate([np.pad(a, ((2, 2), (2, 2), (0, 0)), constant_values=255) for a in arr], axis=1)
+        rows.append(arr)
+    grid = np.concatenate(rows, axis=0)
+    grid = np.kron(grid, np.ones((scale, scale, 1), dtype=np.uint8))
+    return save_png(path, grid)

@@ -1,0 +1,589 @@
+"""The curriculum loop (DESIGN §6): strength → collect → train → export → next round.
+
+Why a run folder with a state file: a loop runs for hours on several servers and will be
+killed (OOM, pre-emption, Ctrl-C, ``kill -9``). ``state.json`` is rewritten atomically after
+every phase, the collect manifest after every job, ``rl.train`` checkpoints every epoch, and
+exports are atomic copies. So the same command resumes where it stopped: no shard lost or
+trained twice, never a half-written ControlNet in ComfyUI's ``models/controlnet``.
+
+Run folder layout::
+
+    <run_dir>/state.json            round, phase, per-round strengths/metrics/files (atomic)
+    <run_dir>/.lock                 fcntl lock: one loop per run folder
+    <run_dir>/config.json           the resolved settings of the first start
+    <run_dir>/rounds/r000/          manifest.json, shards/, samples/, train/ (rl.train run)
+    <run_dir>/metrics.jsonl|csv     one row per finished round
+    <run_dir>/report.png            curves + a grid of sample images, redrawn every round
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .collect import atomic_write_text, read_lines, sha256_of
+from .errors import QRRLError
+from .schedule import Curriculum
+
+STATE_VERSION = 1
+PHASES = ("collect", "train", "export", "done")
+#: Settings that must not change when a run folder is resumed (they define what was sampled).
+FROZEN_KEYS = ("name", "backend", "prompts", "payloads", "seeds", "seed_start", "batch", "curriculum",
+               "start_strength", "end_strength", "target_decode_rate", "curriculum_step", "curve", "end_ratio")
+METRIC_COLUMNS = ("round", "strength", "decode_rate", "module_accuracy", "clip_text", "clip_image", "reward",
+                  "samples", "controlnet", "exported")
+
+
+@dataclass
+class LoopConfig:
+    """Every setting of ``qr-rl loop``; TOML keys and ``--flags`` map 1:1 onto these fields."""
+
+    name: str = "qr-rl"
+    run_dir: str = "runs/qr-rl"
+    rounds: int = 3
+    # curriculum
+    curriculum: str = "linear"
+    start_strength: float = 1.6
+    end_strength: float = 0.8
+    target_decode_rate: float = 0.8
+    curriculum_step: float | None = None
+    # what to sample
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None
+    payloads: list[str] = field(default_factory=list)
+    payloads_file: str | None = None
+    seeds: int = 4
+    seed_start: int = 0
+    batch: int | None = None
+    negative: str | None = None
+    curve: str = "constant"
+    end_ratio: float = 1.0
+    # where
+    backend: str = "comfy"  # "comfy" | "local"
+    servers: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8188"])
+    per_server_concurrency: int = 1
+    workflow: str | None = None
+    set: list[str] = field(default_factory=list)
+    job_timeout: float = 1800.0
+    comfyui_dir: str | None = None
+    controlnet_dir: str | None = None
+    checkpoint: str | None = None
+    controlnet: str | None = None
+    unet_config: str | None = None
+    controlnet_config: str | None = None
+    toy_model: str | None = None
+    steps: int | None = None
+    # training (rl.train.TrainConfig)
+    mode: str = "lora"
+    lora_rank: int = 8
+    lr: float = 1e-4
+    epochs: int = 2
+    train_batch_size: int = 8
+    grad_accum: int = 1
+    clip_range: float = 0.02
+    timestep_fraction: float = 0.5
+    kl_coef: float = 0.0
+    mixed_precision: str = "no"
+    export_dtype: str = "fp16"
+    train_seed: int = 0
+    cpu: bool = False
+    threads: int | None = None
+    progress: bool = True
+
+    # ---- construction
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> LoopConfig:
+        """Build from a dict (TOML), refusing unknown keys (dashes are accepted for underscores)."""
+        norm = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(norm) - set(cls.keys()))
+        if unknown:
+            raise QRRLError(f"{source}: unknown keys {unknown}; valid keys: {', '.join(cls.keys())}")
+        return cls(**norm)
+
+    @classmethod
+    def load_toml(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
+        p = Path(path)
+        if not p.is_file():
+            raise QRRLError(f"config file {p} not found")
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise QRRLError("reading TOML on Python 3.10 needs `pip install tomli` (or use Python >= 3.11)") from None
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise QRRLError(f"config file {p} is not valid TOML: {e}") from None
+        # [loop] table or top-level keys
+        if set(data) == {"loop"} and isinstance(data["loop"], dict):
+            data = data["loop"]
+        return data
+
+    # ---- validation and derived values
+    def validate(self) -> None:
+        from .trajectory import sanitize_run_name
+
+        sanitize_run_name(self.name)
+        if self.backend not in ("comfy", "local"):
+            raise QRRLError(f"backend must be 'comfy' or 'local', got {self.backend!r}")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise QRRLError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+        self.curriculum_obj()
+        if self.backend == "comfy":
+            if not self.servers:
+                raise QRRLError("give at least one --server (e.g. http://127.0.0.1:8188)")
+            if not self.controlnet:
+                raise QRRLError("give --controlnet: the ControlNet file to start from (a name in ComfyUI's "
+                                "models/controlnet, e.g. control_v1p_sd15_qrcode_monster.safetensors)")
+            if not self.checkpoint:
+                raise QRRLError("give --checkpoint: the SD1.5 checkpoint the workflow samples with (a name in "
+                                "ComfyUI's models/checkpoints, or a path); the trainer loads the same file")
+            if not (self.comfyui_dir or self.controlnet_dir):
+                raise QRRLError("give --comfyui-dir (the ComfyUI folder, whose models/controlnet receives each "
+                                "round's ControlNet) or --controlnet-dir")
+        if self.per_server_concurrency < 1:
+            raise QRRLError(f"per_server_concurrency must be >= 1, got {self.per_server_concurrency}")
+
+    def curriculum_obj(self) -> Curriculum:
+        return Curriculum(kind=self.curriculum, start=self.start_strength, end=self.end_strength, rounds=self.rounds,
+                          target_decode_rate=self.target_decode_rate, step=self.curriculum_step)
+
+    def resolved_prompts(self) -> list[str]:
+        out = list(self.prompts) + (read_lines(self.prompts_file, "prompts") if self.prompts_file else [])
+        if not out:
+            if self.backend == "local":
+                from .toy import DEMO_PROMPTS
+
+                return list(DEMO_PROMPTS[:2])
+            raise QRRLError("no prompts: set prompts = [...] / prompts_file, or --prompt / --prompts-file")
+        return out
+
+    def resolved_payloads(self) -> list[str]:
+        out = list(self.payloads) + (read_lines(self.payloads_file, "payloads") if self.payloads_file else [])
+        if not out:
+            if self.backend == "local":
+                return ["QR-RL"]
+            raise QRRLError("no payloads: set payloads = [...] / payloads_file, or --payload / --payloads-file")
+        return out
+
+    def controlnet_folder(self) -> Path:
+        if self.controlnet_dir:
+            return Path(self.controlnet_dir).expanduser()
+        if self.comfyui_dir:
+            return Path(self.comfyui_dir).expanduser() / "models" / "controlnet"
+        return Path(self.run_dir) / "controlnets"
+
+    def checkpoint_path(self) -> Path:
+        p = Path(str(self.checkpoint)).expanduser()
+        if p.is_file():
+            return p
+        if self.comfyui_dir:
+            q = Path(self.comfyui_dir).expanduser() / "models" / "checkpoints" / str(self.checkpoint)
+            if q.is_file():
+                return q
+        raise QRRLError(f"checkpoint {self.checkpoint!r} not found (as a path, or in --comfyui-dir's "
+                        "models/checkpoints); the trainer needs the very file ComfyUI samples with")
+
+
+# --------------------------------------------------------------------------------------------
+# lock
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive, non-blocking lock on ``run_dir/.lock``: a second loop on the folder fails at once."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    fh = open(path, "a+")
+    try:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock
+            yield
+            return
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise QRRLError(f"another qr-rl loop is using {run_dir} (pid {holder}); wait for it to finish or stop it "
+                            "— two loops on one run folder would duplicate work") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    finally:
+        fh.close()
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work when the ControlNet export folder cannot take a file."""
+    if not folder.is_dir():
+        raise QRRLError(f"ControlNet folder {folder} does not exist; create it or point --comfyui-dir / "
+                        "--controlnet-dir at ComfyUI's models/controlnet")
+    probe = folder / f".qr-rl-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise QRRLError(f"cannot write into the ControlNet folder {folder} ({e.strerror or e}); each round exports "
+                        "its ControlNet there. Fix its permissions or choose another --controlnet-dir") from None
+
+
+def atomic_copy(src: Path, dst: Path) -> str:
+    """Copy through a hidden temp file + fsync + rename; return the sha256 (checked against the source)."""
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 22)
+            fout.flush()
+            os.fsync(fout.fileno())
+        sha = sha256_of(tmp)
+        if sha != sha256_of(src):
+            raise QRRLError(f"copy of {src} to {dst} is corrupt (sha256 differs); check the disk")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return sha
+
+
+# --------------------------------------------------------------------------------------------
+# state
+
+
+def _frozen(cfg: LoopConfig, prompts: list[str], payloads: list[str]) -> dict[str, Any]:
+    d = asdict(cfg)
+    out = {k: d[k] for k in FROZEN_KEYS}
+    out["prompts"], out["payloads"] = prompts, payloads
+    return out
+
+
+class RunState:
+    """``state.json``: what each round used and measured; rewritten atomically."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "state.json"
+        self.data: dict[str, Any] = {}
+        if self.path.is_file():
+            try:
+                self.data = json.loads(self.path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise QRRLError(f"{self.path} is not valid JSON ({e}); it is written atomically, so something else "
+                                "changed it") from None
+            if self.data.get("version") != STATE_VERSION:
+                raise QRRLError(f"{self.path} has state version {self.data.get('version')}, expected {STATE_VERSION}")
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.data)
+
+    def save(self) -> None:
+        self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True))
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        return self.data.setdefault("rounds", [])
+
+    def decode_history(self) -> list[float]:
+        return [float(r["metrics"].get("decode_rate") if r.get("metrics", {}).get("decode_rate") is not None
+                      else math.nan) for r in self.rounds if r.get("phase") == "done"]
+
+
+def next_strength(curriculum: Curriculum, state_rounds: Sequence[Mapping[str, Any]], r: int) -> float:
+    """Round ``r``'s strength from the curriculum and the decode rates of finished rounds."""
+    history = [float(x["metrics"]["decode_rate"]) if x.get("metrics", {}).get("decode_rate") is not None
+               else math.nan for x in state_rounds[:r]]
+    return curriculum.strength_for_round(r, history)
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class LoopResult:
+    run_dir: Path
+    rounds: list[dict[str, Any]]
+    finished: bool
+
+
+def _say(cfg: LoopConfig) -> Callable[[str], None]:
+    return lambda m: print(f"qr-rl loop: {m}", flush=True)
+
+
+def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None,
+             stop_after: str | None = None) -> LoopResult:
+    """Run (or resume) the loop described by ``cfg``; see the module docstring.
+
+    ``stop_after`` ("collect", "train", "export" or "round") returns early after that phase
+    of the current round (tests, and users who want one step at a time).
+    """
+    say = log or _say(cfg)
+    cfg.validate()
+    curriculum = cfg.curriculum_obj()
+    prompts, payloads = cfg.resolved_prompts(), cfg.resolved_payloads()
+    run_dir = Path(cfg.run_dir).expanduser()
+    cn_dir = cfg.controlnet_folder()
+    if cfg.backend == "local" and not (cfg.controlnet_dir or cfg.comfyui_dir):
+        cn_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(cn_dir)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
+
+    with run_lock(run_dir):
+        state = RunState(run_dir)
+        frozen = _frozen(cfg, prompts, payloads)
+        if state.exists:
+            old = state.data.get("settings", {})
+            changed = sorted(k for k in FROZEN_KEYS if k in old and old[k] != frozen[k] and k != "rounds")
+            if changed:
+                raise QRRLError(
+                    f"{run_dir} was started with other settings ({', '.join(f'{k}: {old[k]!r} → {frozen[k]!r}' for k in changed)}); "
+                    "resume with the same settings, or choose a new --run-dir"
+                )
+            say(f"resuming {run_dir} at round {state.data.get('round', 0)} ({state.rounds[-1]['phase'] if state.rounds else 'start'})")
+        else:
+            state.data = {"version": STATE_VERSION, "name": cfg.name, "settings": frozen, "round": 0, "rounds": [],
+                          "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=1, sort_keys=True))
+            state.save()
+
+        base_cn = _initial_controlnet(cfg)
+        while True:
+            r = len([x for x in state.rounds if x.get("phase") == "done"])
+            if r >= cfg.rounds:
+                say(f"all {cfg.rounds} rounds done; last ControlNet: {state.rounds[-1].get('exported') if state.rounds else base_cn}")
+                return LoopResult(run_dir, state.rounds, True)
+            if len(state.rounds) <= r:
+                strength = next_strength(curriculum, state.rounds, r)
+                prev = state.rounds[r - 1]["exported_name"] if r > 0 else base_cn["name"]
+                prev_path = state.rounds[r - 1]["exported"] if r > 0 else base_cn["path"]
+                state.rounds.append({"round": r, "phase": "collect", "strength": strength, "controlnet": prev,
+                                     "controlnet_path": prev_path, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ")})
+                state.data["round"] = r
+                state.save()
+            rec = state.rounds[r]
+            round_dir = run_dir / "rounds" / f"r{r:03d}"
+            say(f"round {r + 1}/{cfg.rounds}: strength {rec['strength']:.3f}, ControlNet {rec['controlnet']}, phase {rec['phase']}")
+
+            if rec["phase"] == "collect":
+                report = _collect_round(cfg, rec, r, round_dir, prompts, payloads, run_dir)
+                rec["shards"] = [str(p) for p in _manifest_paths(round_dir)]
+                rec["metrics"] = _round_metrics(report.summary, rec["strength"])
+                rec["phase"] = "train"
+                state.save()
+                say(f"round {r + 1}: {report.summary.get('samples')} samples, decode rate "
+                    f"{_fmt(rec['metrics'].get('decode_rate'))}, module accuracy {_fmt(rec['metrics'].get('module_accuracy'))}")
+                if stop_after == "collect":
+                    return LoopResult(run_dir, state.rounds, False)
+
+            if rec["phase"] == "train":
+                out = _train_round(cfg, rec, r, round_dir, say)
+                rec["trained"] = str(out)
+                rec["phase"] = "export"
+                state.save()
+                if stop_after == "train":
+                    return LoopResult(run_dir, state.rounds, False)
+
+            if rec["phase"] == "export":
+                name = f"{cfg.name}-r{r}.safetensors"
+                dst = cn_dir / name
+                sha = atomic_copy(Path(rec["trained"]), dst)
+                rec.update({"exported": str(dst), "exported_name": name, "exported_sha256": sha, "phase": "done",
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ")})
+                state.save()
+                _write_metrics(run_dir, state.rounds)
+                try:
+                    draw_report(run_dir, state.rounds)
+                except Exception as e:  # a report must never stop training
+                    say(f"warning: could not draw the report: {e}")
+                say(f"round {r + 1}: exported {dst}")
+                if stop_after in ("export", "round"):
+                    return LoopResult(run_dir, state.rounds, False)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _initial_controlnet(cfg: LoopConfig) -> dict[str, str]:
+    if cfg.backend == "local":
+        from .toy import ASSETS, FILES
+
+        folder = Path(cfg.toy_model) if cfg.toy_model else ASSETS
+        path = Path(cfg.controlnet) if cfg.controlnet else folder / FILES["controlnet"]
+        if not path.is_file():
+            raise QRRLError(f"toy ControlNet {path} not found; run `qr-rl toy pretrain` or pass --toy-model")
+        return {"name": path.name, "path": str(path)}
+    name = str(cfg.controlnet)
+    p = Path(name).expanduser()
+    if not p.is_file():
+        p = cfg.controlnet_folder() / name
+    if not p.is_file():
+        raise QRRLError(f"ControlNet {name!r} not found in {cfg.controlnet_folder()}; copy it into ComfyUI's "
+                        "models/controlnet (the trainer needs the file the workflow loads)")
+    return {"name": p.name, "path": str(p)}
+
+
+def _manifest_paths(round_dir: Path) -> list[Path]:
+    from .collect import Manifest
+
+    return Manifest(round_dir / "manifest.json").shard_paths()
+
+
+def _round_metrics(summary: Mapping[str, Any], strength: float) -> dict[str, Any]:
+    return {"strength": strength, "decode_rate": summary.get("decoded"),
+            "module_accuracy": summary.get("module_accuracy"), "clip_text": summary.get("clip_text"),
+            "clip_image": summary.get("clip_image"), "reward": summary.get("reward"),
+            "samples": summary.get("samples")}
+
+
+def _collect_round(cfg: LoopConfig, rec: dict[str, Any], r: int, round_dir: Path, prompts: list[str],
+                   payloads: list[str], run_dir: Path):
+    from .collect import ComfyBackend, LocalToyBackend, collect, parse_set, plan_jobs
+
+    jobs = plan_jobs(prompts, payloads, cfg.seeds, cfg.seed_start, r, rec["strength"], cfg.batch, rec["controlnet"])
+    if cfg.backend == "local":
+        backend = LocalToyBackend(cfg.toy_model, rec["controlnet_path"] if r > 0 or cfg.controlnet else None,
+                                  steps=cfg.steps, run_name=cfg.name)
+    else:
+        overrides = parse_set(cfg.set)
+        if cfg.steps:
+            overrides.setdefault("RL Sampler.steps", cfg.steps)
+        ckpt = str(cfg.checkpoint)
+        backend = ComfyBackend(cfg.workflow, cfg.servers, cfg.per_server_concurrency, run_name=cfg.name,
+                               controlnet=rec["controlnet"], checkpoint=Path(ckpt).name, negative=cfg.negative,
+                               curve=cfg.curve, end_ratio=cfg.end_ratio, overrides=overrides,
+                               job_timeout=cfg.job_timeout, key_salt=str(run_dir.resolve()))
+    return collect(jobs, backend, round_dir, progress=cfg.progress)
+
+
+def _train_round(cfg: LoopConfig, rec: dict[str, Any], r: int, round_dir: Path, say) -> Path:
+    from .train import TrainConfig, train
+
+    shards = [str(p) for p in _manifest_paths(round_dir)]
+    if cfg.backend == "local":
+        from .toy import ASSETS, CONTROLNET_CONFIG_FILE, FILES, UNET_CONFIG_FILE
+
+        folder = Path(cfg.toy_model) if cfg.toy_model else ASSETS
+        checkpoint, unet_cfg, cn_cfg = folder / FILES["unet"], folder / UNET_CONFIG_FILE, folder / CONTROLNET_CONFIG_FILE
+    else:
+        checkpoint, unet_cfg, cn_cfg = cfg.checkpoint_path(), cfg.unet_config, cfg.controlnet_config
+    tc = TrainConfig(
+        trajectories=shards, checkpoint=checkpoint, controlnet=rec["controlnet_path"],
+        out=round_dir / "train" / "controlnet.safetensors", run_dir=round_dir / "train" / "run",
+        unet_config=unet_cfg, controlnet_config=cn_cfg, mode=cfg.mode, lora_rank=cfg.lora_rank, lr=cfg.lr,
+        epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction, kl_coef=cfg.kl_coef,
+        batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+        resume=True, seed=cfg.train_seed + r, run_name=cfg.name, round=r, export_dtype=cfg.export_dtype,
+        cpu=cfg.cpu, progress=cfg.progress,
+    )
+    result = train(tc, log=lambda m: say(f"train: {m}"))
+    return Path(result.out)
+
+
+# --------------------------------------------------------------------------------------------
+# metrics and report
+
+
+def _rows(rounds: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for x in rounds:
+        if x.get("phase") != "done":
+            continue
+        m = x.get("metrics", {})
+        rows.append({"round": x["round"], "strength": x["strength"], "decode_rate": m.get("decode_rate"),
+                     "module_accuracy": m.get("module_accuracy"), "clip_text": m.get("clip_text"),
+                     "clip_image": m.get("clip_image"), "reward": m.get("reward"), "samples": m.get("samples"),
+                     "controlnet": x.get("controlnet"), "exported": x.get("exported_name")})
+    return rows
+
+
+def _write_metrics(run_dir: Path, rounds: Sequence[Mapping[str, Any]]) -> None:
+    rows = _rows(rounds)
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(METRIC_COLUMNS))
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in METRIC_COLUMNS})
+    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
+
+
+def draw_report(run_dir: Path, rounds: Sequence[Mapping[str, Any]], max_images: int = 8) -> Path:
+    """``report.png``: metric curves over rounds and sample images of every finished round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    rows = _rows(rounds)
+    grid: list[tuple[int, Path]] = []
+    for x in rounds:
+        if x.get("phase") != "done":
+            continue
+        manifest = run_dir / "rounds" / f"r{x['round']:03d}" / "manifest.json"
+        if manifest.is_file():
+            entries = json.loads(manifest.read_text()).get("entries", [])
+            imgs = [manifest.parent / e["image"] for e in entries if e.get("image")]
+            grid.extend((x["round"], p) for p in imgs[:max_images] if p.is_file())
+    n_rounds = max(1, len(rows))
+    per_row = max(1, min(max_images, max((sum(1 for g in grid if g[0] == r["round"]) for r in rows), default=1)))
+    fig = plt.figure(figsize=(max(8.0, 1.3 * per_row), 3.2 + 1.4 * n_rounds))
+    gs = fig.add_gridspec(1 + n_rounds, per_row, height_ratios=[2.2] + [1.0] * n_rounds)
+    ax = fig.add_subplot(gs[0, :])
+    xs = [r["round"] for r in rows]
+    for key in ("strength", "decode_rate", "module_accuracy", "clip_text", "clip_image"):
+        ys = [math.nan if r.get(key) is None else float(r[key]) for r in rows]
+        if any(not math.isnan(y) for y in ys):
+            ax.plot(xs, ys, marker="o", label=key)
+    ax.set_xlabel("round")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"{run_dir.name}: curriculum and rewards")
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=8, loc="best")
+    for i, r in enumerate(rows):
+        imgs = [p for rr, p in grid if rr == r["round"]][:per_row]
+        for j in range(per_row):
+            a = fig.add_subplot(gs[1 + i, j])
+            a.axis("off")
+            if j < len(imgs):
+                a.imshow(Image.open(imgs[j]).convert("RGB"))
+            if j == 0:
+                a.set_title(f"r{r['round']} s={r['strength']:.2f}", fontsize=8, loc="left")
+    fig.tight_layout()
+    out = run_dir / "report.png"
+    tmp = out.with_name(f".report.{uuid.uuid4().hex[:8]}.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
