@@ -30,10 +30,11 @@ def build_tiny_toy(folder: Path) -> Path:
     import torch
 
     from rl.toy import FORMAT, FORMAT_VERSION, TEXT_WIDTH, ToyModel, ToyTextEncoder, _models, build_clip
+    from rl.toy_world import LATENT_CHANNELS, LATENT_SIZE
 
     unet_cls, cn_cls = _models()
     torch.manual_seed(0)
-    unet = unet_cls(sample_size=64, in_channels=3, out_channels=3, block_out_channels=[8, 16], layers_per_block=1,
+    unet = unet_cls(sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, block_out_channels=[8, 16], layers_per_block=1,
                     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                     up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=TEXT_WIDTH,
                     attention_head_dim=4, norm_num_groups=4)
