@@ -47,7 +47,8 @@ class DemoConfig:
     group_size: int = 4  # seeds per group (advantages are normalised inside a group)
     eval_samples: int = 32
     clip_weight: float = 0.5
-    mode: str = "full"
+    mode: str = "full"  # "full" | "lora" (LoRA r4 / lr 1e-2 was tried: see docs/demo.md, "Open problems")
+    lora_rank: int = 4  # only with mode "lora"
     lr: float = 1e-4
     epochs: int = 2
     clip_range: float = 0.1
@@ -159,7 +160,7 @@ def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: 
     tc = TrainConfig(
         trajectories=[str(shard_folder)], checkpoint=model.unet_path, controlnet=controlnet_path, out=out,
         unet_config=model.unet_config_path, controlnet_config=model.controlnet_config_path, mode=cfg.mode,
-        lr=cfg.lr, epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction,
+        lora_rank=cfg.lora_rank, lr=cfg.lr, epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction,
         batch_size=cfg.train_batch_size, seed=cfg.seed * 100 + r, run_name="demo", round=r,
         export_dtype="fp32", export_layout="diffusers", cpu=True, progress=False, min_group_size=cfg.group_size,
     )
