@@ -36,7 +36,7 @@ LDM_CONTROLNET_PREFIX = "control_model."
 
 def ensure_model_imports() -> None:
     """Import-time guards needed before diffusers/peft model imports (torchvision, torchaudio)."""
-    from .tiny_sd import ensure_torchvision_importable  # TODO(lead): both guards into rl._compat
+    from ._compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
 
@@ -202,6 +202,6 @@ def controlnet_to_ldm(sd: Mapping[str, torch.Tensor], config: Mapping) -> dict[s
     ComfyUI reads diffusers-layout ControlNets only for the full-size configs it knows, and
     the original layout for any depth (tiny test models).
     """
-    from .tiny_sd import unet_diffusers_to_ldm  # TODO(lead): move the key tables into this module
+    from .tiny_sd import unet_diffusers_to_ldm  # the ldm key tables live next to the test-weight builder
 
     return {LDM_CONTROLNET_PREFIX + k: v for k, v in unet_diffusers_to_ldm(dict(sd), dict(config)).items()}

@@ -30,6 +30,7 @@ import torch
 
 from . import toy_world as world
 from .errors import QRRLError
+from .image_io import save_figure
 
 
 @dataclass
@@ -341,13 +342,7 @@ def plot_curves(rounds: list[dict[str, Any]], before: dict[str, Any], after: dic
         ax.set_xlabel("round")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path)
 
 
 def sample_grid(base: torch.Tensor, before: torch.Tensor, after: torch.Tensor, path: Path, n: int = 8,

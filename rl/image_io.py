@@ -118,3 +118,22 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
         raise
     return p
 
+
+
+def save_figure(fig, path: str | Path, dpi: int = 80) -> Path:  # noqa: ANN001 - matplotlib Figure
+    """Write a matplotlib figure as PNG atomically and close it (reports are redrawn while read)."""
+    import os
+    import uuid
+
+    import matplotlib.pyplot as plt
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, p)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return p

@@ -35,6 +35,7 @@ from typing import Any
 
 from .collect import atomic_write_text, read_lines, sha256_of
 from .errors import QRRLError
+from .image_io import save_figure
 from .schedule import Curriculum
 
 STATE_VERSION = 1
@@ -582,8 +583,4 @@ def draw_report(run_dir: Path, rounds: Sequence[Mapping[str, Any]], max_images: 
                 a.set_title(f"r{r['round']} s={r['strength']:.2f}", fontsize=8, loc="left")
     fig.tight_layout()
     out = run_dir / "report.png"
-    tmp = out.with_name(f".report.{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)

@@ -41,6 +41,7 @@ import torch
 
 from .ddpo import StatTracker, gaussian_kl, group_key, ppo_clip_loss, ppo_diagnostics
 from .errors import QRRLError
+from .image_io import save_figure
 from .sampling import gaussian_log_prob, step_mean
 
 RUN_STATE_VERSION = 1
@@ -350,13 +351,7 @@ def _plot(metrics: list[dict], path: Path) -> None:
         ax.set_title(name)
         ax.set_xlabel("epoch")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
