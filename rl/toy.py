@@ -488,14 +488,7 @@ def _train_unet(cfg: PretrainConfig, unet, text: ToyTextEncoder, say, bar) -> li
         x_in, t, eps, _ = _noised(x0, gen)
         ctx = text(world.tokenize(prompts))
         loss = torch.nn.functional.mse_loss(unet(x_in, t, encoder_hidden_states=ctx).sample, eps)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.unet_steps, cfg.lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(step)
-        losses.append(float(loss.detach()))
+        losses.append(_optimizer_step(opt, params, ema, loss, step, _lr_at(step, cfg.unet_steps, cfg.lr)))
         bar.update(1)
         if (step + 1) % 100 == 0:
             say(f"unet step {step + 1}/{cfg.unet_steps}: loss {np.mean(losses[-100:]):.4f}")
@@ -503,6 +496,18 @@ def _train_unet(cfg: PretrainConfig, unet, text: ToyTextEncoder, say, bar) -> li
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
     return losses
+
+
+def _optimizer_step(opt, params, ema, loss: torch.Tensor, step: int, lr: float) -> float:  # noqa: ANN001
+    """One scheduled-lr AdamW step with grad-norm clip and EMA update; returns the loss value."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ema.update(step)
+    return float(loss.detach())
 
 
 def _train_controlnet(cfg: PretrainConfig, unet, cn, text: ToyTextEncoder, say, bar) -> list[float]:
@@ -529,14 +534,8 @@ def _train_controlnet(cfg: PretrainConfig, unet, cn, text: ToyTextEncoder, say, 
         pred = unet(x_in, t, encoder_hidden_states=ctx, down_block_additional_residuals=[d * sv for d in down],
                     mid_block_additional_residual=mid * sv).sample
         loss = torch.nn.functional.mse_loss(pred, eps)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.controlnet_steps, cfg.controlnet_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(step)
-        losses.append(float(loss.detach()))
+        losses.append(_optimizer_step(opt, params, ema, loss, step,
+                                      _lr_at(step, cfg.controlnet_steps, cfg.controlnet_lr)))
         bar.update(1)
         if (step + 1) % 100 == 0:
             say(f"controlnet step {step + 1}/{cfg.controlnet_steps}: loss {np.mean(losses[-100:]):.4f}")
