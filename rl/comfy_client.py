@@ -181,11 +181,18 @@ class PromptResult:
         return [t for node_out in self.outputs.values() for t in (node_out or {}).get("text", []) if isinstance(t, str)]
 
 
+def _id_key(nid: str) -> tuple[int, int | str]:
+    """Numeric node ids in numeric order, then any other ids by name."""
+    return (0, int(nid)) if str(nid).isdigit() else (1, str(nid))
+
+
 def _format_node_errors(body: Mapping[str, Any], api_prompt: Mapping[str, Any] | None, url: str) -> ComfyNodeError:
     titles = node_titles(api_prompt or {})
     lines: list[str] = []
     first: tuple[str | None, str | None, str | None] = (None, None, None)
-    for nid, info in (body.get("node_errors") or {}).items():
+    # ComfyUI's order of node_errors follows its output traversal, which varies run to run;
+    # sort by node id so the first error reported (and raised with) is stable.
+    for nid, info in sorted((body.get("node_errors") or {}).items(), key=lambda kv: _id_key(kv[0])):
         ct = info.get("class_type") or (api_prompt or {}).get(nid, {}).get("class_type")
         title = titles.get(nid, ct)
         if first[0] is None:

@@ -150,6 +150,45 @@ def test_unreachable_servers_are_reported():
         pool.map([1, 2, 3], lambda client, job: client.object_info())
 
 
+def test_node_errors_reported_in_node_order():
+    """ComfyUI lists node_errors in traversal order, which varies; the client reports node order."""
+    import http.server
+    import threading
+
+    body = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
+            "node_errors": {nid: {"class_type": ct, "errors": [{"message": "Value not in list",
+                                                             "extra_info": {"input_name": name}}]}
+                            for nid, ct, name in (("9", "QRControlNetSamplerRL", "ckpt_name"),
+                                                  ("7", "ControlNetLoader", "control_net_name"),
+                                                  ("1", "CheckpointLoaderSimple", "ckpt_name"))}}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            data = json.dumps(body).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        from rl.comfy_client import ComfyClient, ComfyNodeError
+
+        with pytest.raises(ComfyNodeError) as e:
+            ComfyClient(f"http://127.0.0.1:{server.server_address[1]}").submit(_wf())
+    finally:
+        server.shutdown()
+    assert (e.value.node_id, e.value.class_type, e.value.title) == ("1", "CheckpointLoaderSimple", "Checkpoint")
+    msg = str(e.value)
+    assert msg.index("node 1 ") < msg.index("node 7 ") < msg.index("node 9 ")
+
+
 # ---------------------------------------------------------------- in-process backend
 
 
