@@ -5,14 +5,15 @@ same fixed evaluation set (``rl.toy.eval_prompts_codes``):
 
   (a) pretrained   the shipped ControlNet, no training;
   (b) rl-flat      RL (``qr-rl demo`` machinery) with every round at the demo strength;
-  (c) rl-curric    RL with the linear curriculum high → demo strength (the demo's default);
+  (c) rl-curric    RL with the demo's linear curriculum (``ToyModel.curriculum_start`` → demo
+                   strength, then ``hold_rounds`` at the demo strength: the demo's default);
   (d) best-of-N    the pretrained ControlNet, N draws per evaluation item, keep the best
                    scan score ("draw until it scans"); N = the RL arms' training samples ÷
                    evaluation items, so (d) spends the same number of samples.
 
 Prints decode rate, module accuracy and art similarity as mean ± std over seeds, and writes
-``--out/learning.json`` and ``--out/learning.md``. With the defaults this takes about
-6 demo runs (≈ 40-60 min on 2 cores); ``--rounds/--groups`` scale it down.
+``--out/learning.json`` and ``--out/learning.md``. With the defaults this is 6 demo runs plus
+best-of-N (≈ 1 CPU-hour; run arms in parallel with ``--arms``); ``--rounds/--groups`` scale it down.
 
     python bench/learning.py --out bench-out/learning
 """
@@ -62,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench-out/learning", help="folder for the runs and the table")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
-    ap.add_argument("--rounds", type=int, default=8, help="RL rounds per run (default 8, as the demo)")
-    ap.add_argument("--groups", type=int, default=8, help="groups per round (default 8)")
-    ap.add_argument("--group-size", type=int, default=4, help="seeds per group (default 4)")
-    ap.add_argument("--eval-samples", type=int, default=32, help="evaluation items (default 32)")
+    ap.add_argument("--rounds", type=int, default=None, help="RL rounds per run (default: the demo's)")
+    ap.add_argument("--groups", type=int, default=None, help="groups per round (default: the demo's)")
+    ap.add_argument("--group-size", type=int, default=None, help="seeds per group (default: the demo's)")
+    ap.add_argument("--eval-samples", type=int, default=None, help="evaluation items (default: the demo's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--arms", default="a,b,c,d", help="which arms to run (comma-separated letters)")
     args = ap.parse_args(argv)
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    demo_defaults = DemoConfig(out=".")
+    for name in ("rounds", "groups", "group_size", "eval_samples"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(demo_defaults, name))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = ToyModel.load()

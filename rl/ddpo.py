@@ -162,12 +162,14 @@ def _as_float64(x) -> np.ndarray:
 
 
 def ppo_clip_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mean(max(−A·r, −A·clip(r, 1−ε, 1+ε)))`` and the ratio ``r = exp(logπ − logπ_old)``.
+    """``mean(w · max(−A·r, −A·clip(r, 1−ε, 1+ε)))`` and the ratio ``r = exp(logπ − logπ_old)``.
 
-    All inputs have the same shape (one entry per sample·step). The ratio is computed in
-    float32 at least, whatever autocast did upstream.
+    All inputs have the same shape (one entry per sample·step); ``weights`` (default 1) are
+    the per-step weights of :func:`step_weights`. The ratio is computed in float32 at least,
+    whatever autocast did upstream.
     """
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
@@ -176,7 +178,34 @@ def ppo_clip_loss(
     adv = advantages.to(dtype)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped).mean(), ratio
+    per_unit = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_unit = per_unit * weights.to(dtype)
+    return per_unit.mean(), ratio
+
+
+STEP_WEIGHTINGS = ("std", "none")
+
+
+def step_weights(std: torch.Tensor, reference: float, kind: str = "std") -> torch.Tensor:
+    """Per-step loss weights: ``std / reference`` (``"std"``) or 1 (``"none"``).
+
+    Why: the Gaussian policy's score is ``∇ log π = (x' − μ)/std² · ∇μ = ε/std · ∇μ``, so an
+    unweighted sum over steps is dominated by the last, low-noise steps -- with Euler
+    ancestral on the SD schedule the std falls from ≈6.6 to ≈0.03, a 200× larger gradient for a
+    step whose noise barely changes whether the code scans. Weighting each step by its std
+    turns every step's term into ``A · ε · ∇μ``: the same scale at every noise level, so the
+    steps that lay out the code are heard. ``reference`` (the mean std of the trained steps)
+    keeps the loss, and so the learning rate, on the unweighted scale. Each step's term keeps
+    its sign, so this changes how the steps are mixed, not which way each one pushes.
+    """
+    if kind == "none":
+        return torch.ones_like(std, dtype=torch.float32)
+    if kind != "std":
+        raise ValueError(f"step weighting must be one of {STEP_WEIGHTINGS}, got {kind!r}")
+    if not reference > 0:
+        raise ValueError(f"reference std must be > 0, got {reference}")
+    return std.float() / float(reference)
 
 
 def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:

@@ -39,22 +39,24 @@ class DemoConfig:
 
     out: str | os.PathLike[str]
     model: str | os.PathLike[str] | None = None  # toy model folder; None = shipped
-    rounds: int = 8
+    rounds: int = 10
     curriculum: str = "linear"  # constant | linear | cosine | exponential | adaptive | none
-    start_strength: float | None = None  # default: the model's high strength
+    start_strength: float | None = None  # default: the model's curriculum_start
     strength: float | None = None  # the demo (end) strength; default: the model's
-    hold_rounds: int = 2  # final rounds spent at the demo strength
+    hold_rounds: int = 3  # final rounds spent at the demo strength
     groups: int = 8  # (prompt, payload) groups per round
-    group_size: int = 4  # seeds per group (advantages are normalised inside a group)
-    eval_samples: int = 32
+    group_size: int = 8  # seeds per group (advantages are normalised inside a group)
+    eval_samples: int = 64
     clip_weight: float = 0.5
-    mode: str = "full"  # "full" | "lora" (LoRA r4 / lr 1e-2 was tried: see docs/demo.md, "Open problems")
+    mode: str = "zero_convs"  # "zero_convs" | "lora" | "full" (see docs/demo.md, "What made it learn")
     lora_rank: int = 4  # only with mode "lora"
-    lr: float = 1e-4
-    epochs: int = 2
-    clip_range: float = 0.1
-    timestep_fraction: float = 0.5
-    train_batch_size: int = 16
+    lr: float = 1e-3
+    epochs: int = 1
+    clip_range: float = 0.2
+    timestep_fraction: float = 1.0
+    step_weighting: str = "std"
+    train_batch_size: int = 48
+    grad_accum: int = 3  # 48 × 3 = 144 sample·steps per AdamW step: 4 steps per round of 64 × 9
     seed: int = 0
     threads: int | None = None
     progress: bool = True
@@ -162,7 +164,7 @@ def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: 
         trajectories=[str(shard_folder)], checkpoint=model.unet_path, controlnet=controlnet_path, out=out,
         unet_config=model.unet_config_path, controlnet_config=model.controlnet_config_path, mode=cfg.mode,
         lora_rank=cfg.lora_rank, lr=cfg.lr, epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction,
-        batch_size=cfg.train_batch_size, seed=cfg.seed * 100 + r, run_name="demo", round=r,
+        step_weighting=cfg.step_weighting, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed * 100 + r, run_name="demo", round=r,
         export_dtype="fp32", export_layout="diffusers", cpu=True, progress=False, min_group_size=cfg.group_size,
     )
     res = train(tc, log=log)
@@ -198,7 +200,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     out.mkdir(parents=True, exist_ok=True)
     model = ToyModel.load(cfg.model)
     low = float(cfg.strength if cfg.strength is not None else model.demo_strength)
-    high = float(cfg.start_strength if cfg.start_strength is not None else model.high_strength)
+    high = float(cfg.start_strength if cfg.start_strength is not None else model.curriculum_start)
     plan = _strength_plan(cfg, high, low)
     scorer = model.clip_scorer()
     base_sha = file_sha256(model.unet_path)

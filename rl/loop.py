@@ -95,6 +95,7 @@ class LoopConfig:
     grad_accum: int = 1
     clip_range: float = 0.02
     timestep_fraction: float = 0.5
+    step_weighting: str = "std"
     kl_coef: float = 0.0
     mixed_precision: str = "no"
     export_dtype: str = "fp16"
@@ -500,7 +501,7 @@ def _train_round(cfg: LoopConfig, rec: dict[str, Any], r: int, round_dir: Path, 
         out=round_dir / "train" / "controlnet.safetensors", run_dir=round_dir / "train" / "run",
         unet_config=unet_cfg, controlnet_config=cn_cfg, mode=cfg.mode, lora_rank=cfg.lora_rank, lr=cfg.lr,
         epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction, kl_coef=cfg.kl_coef,
-        batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+        step_weighting=cfg.step_weighting, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
         resume=True, seed=cfg.train_seed + r, run_name=cfg.name, round=r, export_dtype=cfg.export_dtype,
         cpu=cfg.cpu, progress=cfg.progress,
     )

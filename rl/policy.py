@@ -69,11 +69,29 @@ def _as_batch(value, batch: int, device, dtype=torch.float32) -> torch.Tensor:
     return t
 
 
+TRAINING_MODES = ("lora", "full", "zero_convs")
+#: diffusers names of the ControlNet's output projections (one per down residual + the middle one).
+ZERO_CONV_PREFIXES = ("controlnet_down_blocks.", "controlnet_mid_block.")
+
+
+def zero_conv_parameters(controlnet: torch.nn.Module) -> set[str]:
+    """Names of the ControlNet's zero-convolution parameters (``mode="zero_convs"`` trains these)."""
+    names = {n for n, _ in controlnet.named_parameters() if n.startswith(ZERO_CONV_PREFIXES)}
+    if not names:
+        raise QRRLError("this ControlNet has no diffusers zero convolutions (controlnet_down_blocks.*, "
+                        "controlnet_mid_block.*); use --mode lora or full")
+    return names
+
+
 class Policy(torch.nn.Module):
     """Frozen UNet + trainable ControlNet; ``forward`` is :meth:`denoise` (DDP-friendly).
 
-    ``mode``: ``"lora"`` (peft adapter on the layers of :func:`lora_target_modules`) or
-    ``"full"`` (all ControlNet weights train). ``autocast_dtype`` (e.g. ``torch.bfloat16``)
+    ``mode``: ``"lora"`` (peft adapter on the layers of :func:`lora_target_modules`),
+    ``"full"`` (all ControlNet weights train) or ``"zero_convs"`` (only the ControlNet's
+    output projections -- the "zero convolutions" that turn its features into the residuals
+    added to the UNet -- train: few parameters whose obvious move, scaling or reshaping the
+    residuals, is what a scannability reward asks for, so a small batch of trajectories gives
+    a usable policy gradient). ``autocast_dtype`` (e.g. ``torch.bfloat16``)
     runs the networks under autocast on GPU; D and log-probs stay float32.
     """
 
@@ -87,8 +105,8 @@ class Policy(torch.nn.Module):
         autocast_dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        if mode not in ("lora", "full"):
-            raise QRRLError(f"training mode must be 'lora' or 'full', got {mode!r}")
+        if mode not in TRAINING_MODES:
+            raise QRRLError(f"training mode must be one of {', '.join(TRAINING_MODES)}, got {mode!r}")
         self.mode = mode
         self.lora = lora or LoraSettings()
         self.unet = unet.eval().requires_grad_(False)
@@ -106,6 +124,11 @@ class Policy(torch.nn.Module):
             inject_adapter_in_model(self.lora.peft_config(self.lora_targets), self.controlnet, ADAPTER_NAME)
             for name, p in self.controlnet.named_parameters():
                 p.requires_grad_(".lora_" in name)
+        elif mode == "zero_convs":
+            self.controlnet.requires_grad_(False)
+            names = zero_conv_parameters(self.controlnet)
+            for name, p in self.controlnet.named_parameters():
+                p.requires_grad_(name in names)
         else:
             self.controlnet.requires_grad_(True)
         self.set_gradient_checkpointing(gradient_checkpointing)
@@ -161,7 +184,7 @@ class Policy(torch.nn.Module):
     def merged_controlnet_state_dict(self) -> dict[str, torch.Tensor]:
         """diffusers-layout ControlNet weights with the LoRA merged in (no copy of the model)."""
         sd = {k: v.detach() for k, v in self.controlnet.state_dict().items()}
-        if self.mode == "full":
+        if self.mode != "lora":
             return {k: v.clone() for k, v in sd.items()}
         from peft.tuners.lora import LoraLayer
 

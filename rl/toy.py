@@ -315,6 +315,22 @@ class ToyModel:
     def high_strength(self) -> float:
         return float(self.info["strengths"]["high"])
 
+    @property
+    def curriculum_start(self) -> float:
+        """Where the demo's curriculum starts: the lowest calibrated strength at which at least
+        a third of the samples scan.
+
+        Why not the high strength: there nearly every sample scans, the scan reward saturates
+        and only the art reward differs inside a group, so RL learns to *weaken* the code --
+        the opposite of what the low strength needs (measured: a 0.8 → 0.4 curriculum ended at
+        3% decode). A third is where the scan reward still separates the samples of a group.
+        """
+        rows = sorted(self.info.get("calibration") or [], key=lambda row: row["strength"])
+        for row in rows:
+            if row["strength"] > self.demo_strength and row["decode_rate"] >= 1 / 3:
+                return float(row["strength"])
+        return self.high_strength
+
 
 @dataclass
 class SampleBatch:

@@ -13,7 +13,9 @@ Recipe, per run (one curriculum round):
     log π_old (and D_old for the KL term) plus drift against the recording;
  4. per epoch: pick a random ``timestep_fraction`` of each sample's stochastic steps inside
     the ControlNet's active range (std > 0 and strength > 0), shuffle the units, micro-batches
-    of ``batch_size`` units, ``grad_accum`` micro-batches per AdamW step, grad-norm clip;
+    of ``batch_size`` units, ``grad_accum`` micro-batches per AdamW step, grad-norm clip; each
+    unit's PPO term weighted by its step's std (``rl.ddpo.step_weights``: without it the
+    low-noise last steps, whose noise decides little, drown the rest);
     metrics line + PNG curves + atomic checkpoint;
  5. export the ControlNet (LoRA merged) that ComfyUI's ControlNetLoader loads, and the adapter.
 
@@ -39,9 +41,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .ddpo import StatTracker, gaussian_kl, group_key, ppo_clip_loss, ppo_diagnostics
+from .ddpo import (
+    STEP_WEIGHTINGS,
+    StatTracker,
+    gaussian_kl,
+    group_key,
+    ppo_clip_loss,
+    ppo_diagnostics,
+    step_weights,
+)
 from .errors import QRRLError
 from .image_io import save_figure
+from .policy import TRAINING_MODES
 from .sampling import gaussian_log_prob, step_mean
 
 RUN_STATE_VERSION = 1
@@ -58,7 +69,7 @@ class TrainConfig:
     out: str | os.PathLike[str]
     unet_config: str | os.PathLike[str] | dict | None = None
     controlnet_config: str | os.PathLike[str] | dict | None = None
-    mode: str = "lora"  # "lora" | "full"
+    mode: str = "lora"  # "lora" | "full" | "zero_convs"
     lora_rank: int = 8
     lora_alpha: float | None = None
     lr: float = 1e-4
@@ -67,6 +78,7 @@ class TrainConfig:
     epochs: int = 4
     clip_range: float = 0.02
     timestep_fraction: float = 0.5
+    step_weighting: str = "std"  # "std" | "none" (rl.ddpo.step_weights)
     kl_coef: float = 0.0
     batch_size: int = 8
     grad_accum: int = 1
@@ -94,7 +106,9 @@ class TrainConfig:
                 raise QRRLError(msg)
 
         need(bool(self.trajectories), "give at least one --trajectories folder")
-        need(self.mode in ("lora", "full"), f"mode must be 'lora' or 'full', got {self.mode!r}")
+        need(self.mode in TRAINING_MODES, f"mode must be one of {', '.join(TRAINING_MODES)}, got {self.mode!r}")
+        need(self.step_weighting in STEP_WEIGHTINGS,
+             f"--step-weighting must be one of {', '.join(STEP_WEIGHTINGS)}, got {self.step_weighting!r}")
         need(self.lora_rank >= 1, f"--lora-rank must be >= 1, got {self.lora_rank}")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
@@ -461,6 +475,8 @@ def train(config: TrainConfig, log=None) -> TrainResult:
         )
     device = accelerator.device
     policy.to(device)
+    std_ref = float(torch.stack([samples[n].std[k] for n, k in units]).float().mean())
+    data["step_std_mean"] = std_ref
 
     # ---- log π_old with the initial policy (before any resumed weights), drift vs recording
     old_lp: dict[tuple[int, int], float] = {}
@@ -547,7 +563,8 @@ def train(config: TrainConfig, log=None) -> TrainResult:
                     with accelerator.autocast():
                         d = _denoise(model, b)
                     lp, mean = _log_prob(b, d)
-                    loss, _ = ppo_clip_loss(lp, old, a, config.clip_range)
+                    w = step_weights(b["std"], std_ref, config.step_weighting)
+                    loss, _ = ppo_clip_loss(lp, old, a, config.clip_range, w)
                     if config.kl_coef > 0:
                         ref = torch.stack([old_mean[u] for u in mb]).to(device, torch.float32)
                         kl = gaussian_kl(mean, ref, b["std"]).mean()

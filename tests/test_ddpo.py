@@ -16,6 +16,7 @@ from rl.ddpo import (
     group_key,
     ppo_clip_loss,
     ppo_diagnostics,
+    step_weights,
 )
 
 
@@ -113,3 +114,25 @@ def test_bad_arguments():
         compute_advantages([1.0, 2.0], [("a",)])
     with pytest.raises(ValueError):
         ppo_clip_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), 0.0)
+
+
+def test_step_weights_equalise_the_score_scale():
+    """Weighted by std, every step's gradient w.r.t. the mean is A·ε·w/std = A·ε/reference."""
+    std = torch.tensor([6.6, 1.0, 0.03])
+    w = step_weights(std, reference=2.0)
+    assert torch.allclose(w, std / 2.0)
+    assert torch.equal(step_weights(std, 2.0, "none"), torch.ones(3))
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(3, 16, generator=g)
+    mean = torch.zeros(3, 16, requires_grad=True)
+    x_next = eps * std[:, None]  # the sampled action: mean + std·ε
+    lp = (-((x_next - mean) ** 2) / (2 * std[:, None] ** 2)).mean(1)
+    adv = torch.ones(3)
+    loss, _ = ppo_clip_loss(lp, lp.detach(), adv, 0.2, w)
+    loss.backward()
+    # d loss / d mean = −(1/3)·A·w·ε/(std·16): with w = std/2 the 1/std is gone
+    assert torch.allclose(mean.grad, -eps / (3 * 16 * 2.0), atol=1e-7)
+    with pytest.raises(ValueError, match="step weighting"):
+        step_weights(std, 1.0, "sigma")
+    with pytest.raises(ValueError, match="reference"):
+        step_weights(std, 0.0)

@@ -22,7 +22,8 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
         for key in ("decode_rate", "module_accuracy", "art_similarity"):
             assert 0.0 <= summary[side][key] <= 1.0
     model = ToyModel.load()
-    assert summary["strengths"][0] == pytest.approx(model.high_strength)  # curriculum starts high
+    assert summary["strengths"][0] == pytest.approx(model.curriculum_start)  # curriculum starts higher
+    assert model.demo_strength < model.curriculum_start <= model.high_strength
     assert summary["strengths"][-1] == pytest.approx(model.demo_strength)  # ... and ends at the demo strength
     assert summary["wall_time_s"] > 0
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]

@@ -91,6 +91,29 @@ def test_fresh_lora_is_the_base_and_trains_only_adapter(tiny):
     assert all(p.grad is None for p in pol.unet.parameters())
 
 
+def test_zero_convs_mode_trains_only_the_output_projections(tiny, tmp_path):
+    unet, cn, inp = tiny
+    _, cn2 = build_tiny_models(seed=3)
+    pol = Policy(unet, cn2, mode="zero_convs")
+    names = {n for n, p in pol.controlnet.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")) for n in names)
+    assert len(names) == 2 * (len(cn2.controlnet_down_blocks) + 1)  # weight + bias of each projection
+    assert pol.num_trainable() < sum(p.numel() for p in cn2.parameters()) / 10
+    d = pol.denoise(**inp, strength=1.0, cfg=3.0)
+    d.square().mean().backward()
+    grads = {n: p.grad for n, p in pol.controlnet.named_parameters()}
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in names)
+    assert all(g is None for n, g in grads.items() if n not in names)
+    assert all(p.grad is None for p in pol.unet.parameters())
+    # the export is the whole ControlNet, loadable like any other
+    with torch.no_grad():
+        cn2.controlnet_mid_block.weight.mul_(2.0)
+    sd = pol.merged_controlnet_state_dict()
+    assert set(sd) == set(cn.state_dict()) and torch.equal(sd["controlnet_mid_block.weight"], cn2.controlnet_mid_block.weight)
+    with pytest.raises(QRRLError, match="one of lora, full, zero_convs"):
+        Policy(unet, cn2, mode="zeroconv")
+
+
 def _perturb_lora(pol: Policy) -> None:
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():

@@ -23,19 +23,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="qr-rl-demo", help="report folder (must be empty or absent; default ./qr-rl-demo)")
     p.add_argument("--quick", action="store_true", help="tiny run (≈1-2 min) that checks the pipeline, not the lift")
     p.add_argument("--model", default=None, help="toy model folder from `qr-rl toy pretrain` (default: the shipped one)")
-    p.add_argument("--rounds", type=int, default=None, help="RL rounds (default 8; --quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="RL rounds (default 10; --quick 2)")
     p.add_argument("--curriculum", default=None,
                    help="strength curriculum: linear (default), cosine, exponential, adaptive, or none")
     p.add_argument("--strength", type=float, default=None, help="demo (final) ControlNet strength (default: the model's)")
     p.add_argument("--start-strength", type=float, default=None,
-                   help="curriculum start strength (default: the model's high strength)")
-    p.add_argument("--hold-rounds", type=int, default=None, help="final rounds at the demo strength (default 2)")
+                   help="curriculum start strength (default: the lowest calibrated strength where a third of samples scan)")
+    p.add_argument("--hold-rounds", type=int, default=None, help="final rounds at the demo strength (default 3)")
     p.add_argument("--groups", type=int, default=None, help="(prompt, payload) groups per round (default 8)")
-    p.add_argument("--group-size", type=int, default=None, help="seeds per group (default 4)")
-    p.add_argument("--eval-samples", type=int, default=None, help="fixed evaluation samples (default 32)")
+    p.add_argument("--group-size", type=int, default=None, help="seeds per group (default 8)")
+    p.add_argument("--eval-samples", type=int, default=None, help="fixed evaluation samples (default 64)")
     p.add_argument("--clip-weight", type=float, default=None, help="weight of the art reward vs the scan reward (0.5)")
-    p.add_argument("--lr", type=float, default=None, help="trainer learning rate (default 1e-4)")
-    p.add_argument("--epochs", type=int, default=None, help="PPO epochs per round (default 2)")
+    p.add_argument("--lr", type=float, default=None, help="trainer learning rate (default 1e-3)")
+    p.add_argument("--epochs", type=int, default=None, help="PPO epochs per round (default 1)")
+    p.add_argument("--mode", choices=("zero_convs", "lora", "full"), default=None,
+                   help="what the trainer updates (default zero_convs: the ControlNet's output projections)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, run_demo
 
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
-             "eval_samples", "clip_weight", "lr", "epochs", "seed", "threads")
+             "eval_samples", "clip_weight", "mode", "lr", "epochs", "seed", "threads")
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     kw["progress"] = not args.no_progress
     cfg = DemoConfig.quick(args.out, **kw) if args.quick else DemoConfig(out=args.out, **kw)

@@ -20,7 +20,11 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output ControlNet .safetensors (the adapter goes next to it)")
     p.add_argument("--unet-config", default=None, help="diffusers UNet config folder (default: shipped SD1.5)")
     p.add_argument("--controlnet-config", default=None, help="diffusers ControlNet config folder (default: shipped SD1.5)")
-    p.add_argument("--full", action="store_true", help="fine-tune every ControlNet weight instead of a LoRA")
+    p.add_argument("--mode", choices=("lora", "full", "zero_convs"), default=None,
+                   help="what trains: lora (default: a LoRA adapter), full (every ControlNet weight) or "
+                        "zero_convs (only the ControlNet's output projections: fewest parameters, learns from "
+                        "the fewest samples)")
+    p.add_argument("--full", action="store_true", help="same as --mode full")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
@@ -30,6 +34,9 @@ def register(subparsers) -> None:
                    help="PPO clip range ε on the per-element ratio (default 0.02; watch clip_fraction in the log)")
     p.add_argument("--timestep-fraction", type=float, default=0.5,
                    help="fraction of each trajectory's trainable steps used per epoch (default 0.5)")
+    p.add_argument("--step-weighting", choices=("std", "none"), default="std",
+                   help="std (default): weight each step's loss by its noise std so the low-noise last steps do "
+                        "not drown the others; none: the plain sum over steps")
     p.add_argument("--kl-coef", type=float, default=0.0, help="weight of the KL to the starting ControlNet (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="(sample, step) units per forward (default 8)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
@@ -62,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         trajectories=args.trajectories, checkpoint=args.checkpoint, controlnet=args.controlnet, out=args.out,
         unet_config=args.unet_config, controlnet_config=args.controlnet_config,
-        mode="full" if args.full else "lora", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr,
+        mode=args.mode or ("full" if args.full else "lora"), step_weighting=args.step_weighting, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr,
         weight_decay=args.weight_decay, epochs=args.epochs, clip_range=args.clip_range,
         timestep_fraction=args.timestep_fraction, kl_coef=args.kl_coef, batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
