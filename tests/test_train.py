@@ -267,3 +267,19 @@ def test_cli_train(models, shards, tmp_path):
                          cwd=Path(__file__).resolve().parents[1])
     assert bad.returncode == 2 and "--lr must be > 0" in bad.stderr
     assert np.isfinite(json.loads((tmp_path / "cli.run" / "metrics.jsonl").read_text().splitlines()[1])["loss"])
+
+
+def test_zero_convs_mode_changes_only_the_output_projections(models, shards, tmp_path):
+    from safetensors.torch import load_file
+
+    folder, _ = shards
+    out = tmp_path / "z.safetensors"
+    res = train(models.config([folder], out, mode="zero_convs", epochs=1, lr=1e-2, step_weighting="std",
+                                      export_layout="diffusers"),
+                log=lambda m: None)
+    assert res.data["step_std_mean"] > 0
+    before, after = load_file(str(models.cn_path)), load_file(str(out))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")) for k in changed)
+    with pytest.raises(QRRLError, match="step-weighting"):
+        train(models.config([folder], tmp_path / "w.safetensors", step_weighting="sigma"))
