@@ -246,14 +246,14 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
             f"{row['module_accuracy']:.3f}, art {row['art_similarity']:.3f}, reward {row['reward']:.3f} "
             f"(collect {row['collect_s']} s, train {row['train_s']} s)")
     bar.close()
-    if not cfg.keep_shards:
+    final_cn = out / "controlnet.safetensors"
+    shutil.copyfile(cn_path, final_cn.with_name(".controlnet.tmp"))
+    os.replace(final_cn.with_name(".controlnet.tmp"), final_cn)
+    if not cfg.keep_shards:  # after the copy: the last round's ControlNet lives in rounds/
         shutil.rmtree(out / "rounds", ignore_errors=True)
 
     # ---- after
     after = _evaluate(model, controlnet, low, cfg, scorer, base_images)
-    final_cn = out / "controlnet.safetensors"
-    shutil.copyfile(cn_path, final_cn.with_name(".controlnet.tmp"))
-    os.replace(final_cn.with_name(".controlnet.tmp"), final_cn)
     wall = time.perf_counter() - t_start
     keys = ("decode_rate", "module_accuracy", "art_similarity", "text_similarity")
     summary: dict[str, Any] = {

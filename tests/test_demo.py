@@ -35,3 +35,14 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "decode rate" in printed and "after RL" in printed
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2  # never overwrites a report
+
+
+def test_demo_without_shards_keeps_the_controlnet(tmp_path):
+    """keep_shards=False (what bench/learning.py uses) drops rounds/ but not the trained ControlNet."""
+    from rl.demo import DemoConfig, run_demo
+
+    res = run_demo(DemoConfig.quick(tmp_path / "d", rounds=1, hold_rounds=1, eval_samples=4, keep_shards=False,
+                                    progress=False), log=lambda m: None)
+    assert not (res.out / "rounds").exists()
+    assert (res.out / "controlnet.safetensors").stat().st_size > 0
+    assert json.loads((res.out / "summary.json").read_text())["after"]["decode_rate"] >= 0.0
