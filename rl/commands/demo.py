@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="toy model folder from `qr-rl toy pretrain` (default: the shipped one)")
     p.add_argument("--rounds", type=int, default=None, help="RL rounds (default 10; --quick 2)")
     p.add_argument("--curriculum", default=None,
-                   help="strength curriculum: linear (default), cosine, exponential, adaptive, or none")
+                   help="strength curriculum: none (default: on the toy it measured better), linear, cosine, exponential or adaptive")
     p.add_argument("--strength", type=float, default=None, help="demo (final) ControlNet strength (default: the model's)")
     p.add_argument("--start-strength", type=float, default=None,
                    help="curriculum start strength (default: the lowest calibrated strength where a third of samples scan)")
