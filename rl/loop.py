@@ -163,6 +163,14 @@ class LoopConfig:
                                 "round's ControlNet) or --controlnet-dir")
         if self.per_server_concurrency < 1:
             raise QRRLError(f"per_server_concurrency must be >= 1, got {self.per_server_concurrency}")
+        # fail before the first collection, not after it
+        from .ddpo import STEP_WEIGHTINGS
+        from .policy import TRAINING_MODES
+
+        if self.mode not in TRAINING_MODES:
+            raise QRRLError(f"mode must be one of {', '.join(TRAINING_MODES)}, got {self.mode!r}")
+        if self.step_weighting not in STEP_WEIGHTINGS:
+            raise QRRLError(f"step_weighting must be one of {', '.join(STEP_WEIGHTINGS)}, got {self.step_weighting!r}")
 
     def curriculum_obj(self) -> Curriculum:
         return Curriculum(kind=self.curriculum, start=self.start_strength, end=self.end_strength, rounds=self.rounds,

@@ -76,6 +76,11 @@ def test_config_validation_messages(tmp_path):
         LoopConfig(backend="cloud").validate()
     with pytest.raises(QRRLError, match="high → low"):
         LoopConfig(backend="local", start_strength=0.5, end_strength=1.0).validate()
+    with pytest.raises(QRRLError, match="lora, full, zero_convs"):
+        LoopConfig(backend="local", mode="zero-convs").validate()
+    with pytest.raises(QRRLError, match="step_weighting"):
+        LoopConfig(backend="local", step_weighting="sigma").validate()
+    LoopConfig(backend="local", mode="zero_convs", step_weighting="none").validate()
 
 
 # ---------------------------------------------------------------- curriculum
