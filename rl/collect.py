@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
 from .errors import QRRLError
 
 MANIFEST_VERSION = 1
@@ -56,22 +57,6 @@ TITLE_RUN = "Recorder.run_name"
 
 # --------------------------------------------------------------------------------------------
 # small file helpers
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write text via a hidden temp file in the same folder + fsync + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:

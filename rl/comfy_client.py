@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_bytes
 from .errors import QRRLError
 
 RECORDER_CLASS = "QRTrajectoryRecorder"
@@ -354,18 +355,7 @@ class ComfyClient:
         if status != 200:
             raise ComfyError(f"ComfyUI at {self.url} could not serve {ref.get('subfolder', '')}/{ref['filename']} "
                              f"(HTTP {status}); was the output folder cleaned?")
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return dest, hashlib.sha256(payload).hexdigest()
+        return atomic_write_bytes(dest, payload), hashlib.sha256(payload).hexdigest()
 
     # ---- following a prompt
     def _result(self, prompt_id: str, entry: Mapping[str, Any], api_prompt: Mapping[str, Any] | None) -> PromptResult:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import toy_world as world
+from .atomic import atomic_write_text
 from .errors import QRRLError
 from .image_io import save_figure
 
@@ -271,26 +272,17 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         "files": {"controlnet": str(final_cn), "curves": str(out / "curves.png"), "samples": str(out / "samples.png"),
                   "table": str(out / "table.md"), "rounds": str(out / "rounds.jsonl")},
     }
-    _write_text(out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rounds))
-    _write_text(out / "table.md", before_after_table(summary))
+    atomic_write_text(out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rounds))
+    atomic_write_text(out / "table.md", before_after_table(summary))
     plot_curves(rounds, before, after, out / "curves.png")
     sample_grid(base_images, before["images"], after["images"], out / "samples.png")
-    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(screen_summary(summary), flush=True)
     return DemoResult(out=out, summary=summary, rounds=rounds)
 
 
 # --------------------------------------------------------------------------------------------
 # report
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def before_after_table(summary: dict[str, Any]) -> str:

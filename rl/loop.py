@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .collect import atomic_write_text, read_lines, sha256_of
+from .atomic import atomic_write_text
+from .collect import read_lines, sha256_of
 from .errors import QRRLError
 from .image_io import save_figure
 from .schedule import Curriculum

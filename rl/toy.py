@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import toy_world as world
+from .atomic import atomic_write_json
 from .errors import QRRLError
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "toy"
@@ -175,16 +176,6 @@ def build_clip(seed: int = 0):
     return model
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (temp file + os.replace)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _config_dict(model) -> dict[str, Any]:
     return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
 
@@ -233,9 +224,9 @@ class ToyModel:
         atomic_save_safetensors(dict(self.controlnet.state_dict()), folder / FILES["controlnet"], meta)
         atomic_save_safetensors(dict(self.text_encoder.state_dict()), folder / FILES["text_encoder"], meta)
         atomic_save_safetensors(dict(self.clip.state_dict()), folder / FILES["clip"], meta)
-        write_json(folder / UNET_CONFIG_FILE, _config_dict(self.unet))
-        write_json(folder / CONTROLNET_CONFIG_FILE, _config_dict(self.controlnet))
-        write_json(folder / CONFIG_FILE, self.info)
+        atomic_write_json(folder / UNET_CONFIG_FILE, _config_dict(self.unet))
+        atomic_write_json(folder / CONTROLNET_CONFIG_FILE, _config_dict(self.controlnet))
+        atomic_write_json(folder / CONFIG_FILE, self.info)
         self.folder = folder
         return folder
 

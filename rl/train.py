@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_write_json, atomic_write_text
 from .ddpo import (
     STEP_WEIGHTINGS,
     StatTracker,
@@ -281,18 +282,6 @@ def _micro_batches(samples: list[_Sample], units: list[tuple[int, int]], size: i
 # files
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
                             metadata: dict[str, str] | None = None) -> Path:
     """Write a safetensors file via a hidden temp file + fsync + ``os.replace``.
@@ -313,10 +302,6 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
 def _save_checkpoint(path: Path, policy, optimizer, state: dict) -> None:
@@ -597,7 +582,7 @@ def train(config: TrainConfig, log=None) -> TrainResult:
             f"({row['samples_steps_per_s']:.1f} samples·steps/s)")
         accelerator.wait_for_everyone()
         if main:
-            _atomic_write_bytes(metrics_path, "".join(json.dumps(m) + "\n" for m in [{"data": data}] + metrics).encode())
+            atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in [{"data": data}] + metrics))
             _plot(metrics, plot_path)
             _save_checkpoint(ckpt_path, raw, optimizer, {
                 "version": RUN_STATE_VERSION, "epoch": epoch + 1, "global_step": global_step,
@@ -617,8 +602,8 @@ def train(config: TrainConfig, log=None) -> TrainResult:
         }
         out, adapter_path = export_controlnet(raw, out, loaded.controlnet_config, meta,
                                               config.export_dtype, config.export_layout)
-        _write_json(run_dir / "stat_tracker.json", {"stat_tracker": tracker.state_dict()})
-        _write_json(result_path, {"out": str(out), "adapter": str(adapter_path) if adapter_path else None,
+        atomic_write_json(run_dir / "stat_tracker.json", {"stat_tracker": tracker.state_dict()})
+        atomic_write_json(result_path, {"out": str(out), "adapter": str(adapter_path) if adapter_path else None,
                                   "epochs_done": config.epochs, "data": data, "finished": True})
         say(f"wrote {out}" + (f" and {adapter_path}" if adapter_path else ""))
     accelerator.wait_for_everyone()
