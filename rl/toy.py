@@ -288,11 +288,20 @@ class ToyModel:
                            image_range=tuple(ranges["image"]) if "image" in ranges else None)
 
     def policy(self, controlnet: torch.nn.Module | None = None):
-        """``rl.policy.Policy`` (frozen UNet + this ControlNet) whose ``denoise`` samples the toy."""
+        """``rl.policy.Policy`` (frozen UNet + this ControlNet) whose ``denoise`` samples the toy.
+
+        A ControlNet passed in keeps its ``requires_grad`` flags (sampling runs under
+        ``no_grad``): a caller who samples between optimizer steps must not find its
+        parameters silently frozen.
+        """
         from .policy import Policy
 
-        pol = Policy(self.unet, controlnet if controlnet is not None else self.controlnet, mode="full")
-        return pol.eval().requires_grad_(False)
+        cn = controlnet if controlnet is not None else self.controlnet
+        flags = [p.requires_grad for p in cn.parameters()]
+        pol = Policy(self.unet, cn, mode="full").eval()
+        for p, flag in zip(cn.parameters(), flags):
+            p.requires_grad_(flag)
+        return pol
 
     @property
     def steps(self) -> int:

@@ -64,6 +64,23 @@ def test_shipped_weights_load_and_reproduce_checksum(shipped):
     assert abs(got["std"] - ref["std"]) < 3e-3
 
 
+def test_sampling_keeps_a_trainable_controlnet_trainable(shipped):
+    """Sampling with a ControlNet that is being trained leaves its requires_grad flags alone."""
+    import copy
+
+    from rl.toy import eval_prompts_codes, sample
+
+    cn = copy.deepcopy(shipped.controlnet)
+    cn.requires_grad_(False)
+    cn.controlnet_mid_block.requires_grad_(True)
+    before = {n: p.requires_grad for n, p in cn.named_parameters()}
+    prompts, codes, _ = eval_prompts_codes(1)
+    out = sample(shipped, prompts, codes, [5], shipped.demo_strength, controlnet=cn, record=False, steps=2)
+    assert out.images.shape == (1, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
+    assert {n: p.requires_grad for n, p in cn.named_parameters()} == before
+    assert any(before.values()) and not all(before.values())
+
+
 def test_shipped_model_strength_ordering(shipped):
     """Without ControlNet: never scans; demo strength: rarely; high strength: almost always, less art."""
     from rl.toy import measure, sample
