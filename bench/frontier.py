@@ -9,6 +9,10 @@ against) directly in pixel space:
   overlay w    ``(1 - w)·art + w·code`` in black and white (what the ControlNet was taught);
   palette w    the same, with the code painted in the art's own lightest / darkest colours
                (how QR art hides a code);
+  minimal d    the smallest edit that puts every pixel on its module's side of the art's
+               median luminance by a margin ``d`` (pixels already on the right side are left
+               alone; wrong ones are moved toward the painted code just far enough) -- the
+               best a policy that knew the art and the code pixel by pixel could do;
   rendered w   the black-and-white overlay on the *procedural* art the toy world renders,
                which the toy CLIP recognises (its prompt similarity is printed).
 
@@ -75,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         row(f"overlay w={w}", (1 - w) * art + w * code, art)
     for w in (0.4, 0.5, 0.6, 0.7):
         row(f"palette w={w}", (1 - w) * art + w * painted, art)
+    luma_img = luma.view_as(art[:, :1])
+    painted_luma = 0.299 * painted[:, :1] + 0.587 * painted[:, 1:2] + 0.114 * painted[:, 2:]
+    sign = code * 2 - 1  # +1 where the module is light
+    median = luma.median(dim=1).values.view(-1, 1, 1, 1)
+    for d in (0.03, 0.05, 0.07, 0.1):
+        target = median + sign * d
+        wrong = ((luma_img - target) * sign < 0).float()
+        w_px = ((target - luma_img) / (painted_luma - luma_img + 1e-6)).clamp(0, 1) * wrong
+        row(f"minimal d={d}", (1 - w_px) * art + w_px * painted, art)
     row("rendered art", rendered, rendered)
     for w in (0.3, 0.4, 0.5):
         row(f"rendered overlay w={w}", (1 - w) * rendered + w * code, rendered)
