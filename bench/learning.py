@@ -9,7 +9,10 @@ same fixed evaluation set (``rl.toy.eval_prompts_codes``):
                    strength, then ``hold_rounds`` at the demo strength: the demo's default);
   (d) best-of-N    the pretrained ControlNet, N draws per evaluation item, keep the best
                    scan score ("draw until it scans"); N = the RL arms' training samples ÷
-                   evaluation items, so (d) spends the same number of samples.
+                   evaluation items, so (d) spends the same number of samples;
+  (e) the dial     the pretrained ControlNet at the demo strength + 0.1 and + 0.2: what RL
+                   has to beat. Raising the strength also buys decode with art, so RL earns
+                   its keep only where it ends *above* this curve (more decode at the same art).
 
 Prints decode rate, module accuracy and art similarity as mean ± std over seeds, and writes
 ``--out/learning.json`` and ``--out/learning.md``. With the defaults this is 6 demo runs plus
@@ -21,7 +24,6 @@ best-of-N (≈ 1 CPU-hour; run arms in parallel with ``--arms``); ``--rounds/--g
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -68,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=None, help="seeds per group (default: the demo's)")
     ap.add_argument("--eval-samples", type=int, default=None, help="evaluation items (default: the demo's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--arms", default="a,b,c,d", help="which arms to run (comma-separated letters)")
+    ap.add_argument("--arms", default="a,b,c,d,e", help="which arms to run (comma-separated letters)")
     args = ap.parse_args(argv)
 
     import torch
 
+    from rl.atomic import atomic_write_json, atomic_write_text
     from rl.demo import DemoConfig, run_demo
     from rl.toy import ToyModel, measure
 
@@ -104,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                                      curriculum=curriculum, progress=False, keep_shards=False)
                     return run_demo(cfg, log=lambda m: None).summary["after"]
                 runs.append((name, rl_run))
+        if "e" in arms:
+            for step in (0.1, 0.2):
+                s = round(model.demo_strength + step, 2)
+                runs.append((f"(e) pretrained at {s}", lambda es=eval_seeds, s=s: measure(model, s, es, scorer=scorer)))
         if "d" in arms:
             runs.append((f"(d) best-of-{n_best}", lambda seed=seed: best_of_n(model, n_best, args.eval_samples, seed, scorer)))
         for name, fn in runs:
@@ -128,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{cells['art_similarity'][0]:.3f} ± {cells['art_similarity'][1]:.3f} | "
                      f"{np.mean(times[name]):.0f} s |")
     text = "\n".join(lines) + "\n"
-    (out / "learning.md").write_text(text)
-    (out / "learning.json").write_text(json.dumps({"args": vars(args), "table": table, "runs": results}, indent=2))
+    atomic_write_text(out / "learning.md", text)
+    atomic_write_json(out / "learning.json", {"args": vars(args), "table": table, "runs": results})
     print(text)
     return 0
 
