@@ -52,6 +52,7 @@ class DemoConfig:
     mode: str = "zero_convs"  # "zero_convs" | "lora" | "full" (see docs/demo.md, "What made it learn")
     lora_rank: int = 4  # only with mode "lora"
     lr: float = 1e-3
+    anchor_decay: float = 0.0  # per-step pull toward the pretrained ControlNet (rl.anchor)
     epochs: int = 1
     clip_range: float = 0.2
     timestep_fraction: float = 1.0
@@ -82,6 +83,7 @@ class DemoConfig:
         need(self.groups >= 1 and self.group_size >= 2, "need --groups >= 1 and --group-size >= 2")
         need(self.eval_samples >= 1, f"--eval-samples must be >= 1, got {self.eval_samples}")
         need(self.clip_weight >= 0, f"--clip-weight must be >= 0, got {self.clip_weight}")
+        need(0 <= self.anchor_decay < 1, f"--anchor-decay must be in [0, 1), got {self.anchor_decay}")
         need(self.curriculum in ("none", "constant", "linear", "cosine", "exponential", "adaptive"),
              f"unknown --curriculum {self.curriculum!r}: use none, linear, cosine, exponential or adaptive")
 
@@ -166,7 +168,8 @@ def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: 
     tc = TrainConfig(
         trajectories=[str(shard_folder)], checkpoint=model.unet_path, controlnet=controlnet_path, out=out,
         unet_config=model.unet_config_path, controlnet_config=model.controlnet_config_path, mode=cfg.mode,
-        lora_rank=cfg.lora_rank, lr=cfg.lr, epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction,
+        lora_rank=cfg.lora_rank, lr=cfg.lr, anchor_decay=cfg.anchor_decay,
+        anchor_controlnet=model.controlnet_path if cfg.anchor_decay > 0 else None, epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction,
         step_weighting=cfg.step_weighting, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed * 100 + r, run_name="demo", round=r,
         export_dtype="fp32", export_layout="diffusers", cpu=True, progress=False, min_group_size=cfg.group_size,
     )

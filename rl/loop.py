@@ -98,6 +98,7 @@ class LoopConfig:
     timestep_fraction: float = 0.5
     step_weighting: str = "std"
     kl_coef: float = 0.0
+    anchor_decay: float = 0.0  # per-step pull toward the loop's starting ControlNet (rl.anchor)
     mixed_precision: str = "no"
     export_dtype: str = "fp16"
     train_seed: int = 0
@@ -172,6 +173,10 @@ class LoopConfig:
             raise QRRLError(f"mode must be one of {', '.join(TRAINING_MODES)}, got {self.mode!r}")
         if self.step_weighting not in STEP_WEIGHTINGS:
             raise QRRLError(f"step_weighting must be one of {', '.join(STEP_WEIGHTINGS)}, got {self.step_weighting!r}")
+        if not 0 <= self.anchor_decay < 1:
+            raise QRRLError(f"anchor_decay must be in [0, 1), got {self.anchor_decay}")
+        if self.anchor_decay > 0 and self.mode == "lora":
+            raise QRRLError("anchor_decay needs mode full or zero_convs (a LoRA adapter's rank already limits its drift)")
 
     def curriculum_obj(self) -> Curriculum:
         return Curriculum(kind=self.curriculum, start=self.start_strength, end=self.end_strength, rounds=self.rounds,
@@ -510,6 +515,7 @@ def _train_round(cfg: LoopConfig, rec: dict[str, Any], r: int, round_dir: Path, 
         out=round_dir / "train" / "controlnet.safetensors", run_dir=round_dir / "train" / "run",
         unet_config=unet_cfg, controlnet_config=cn_cfg, mode=cfg.mode, lora_rank=cfg.lora_rank, lr=cfg.lr,
         epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction, kl_coef=cfg.kl_coef,
+        anchor_decay=cfg.anchor_decay, anchor_controlnet=_initial_controlnet(cfg)["path"] if cfg.anchor_decay > 0 else None,
         step_weighting=cfg.step_weighting, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
         resume=True, seed=cfg.train_seed + r, run_name=cfg.name, round=r, export_dtype=cfg.export_dtype,
         cpu=cfg.cpu, progress=cfg.progress,

@@ -81,6 +81,8 @@ class TrainConfig:
     timestep_fraction: float = 0.5
     step_weighting: str = "std"  # "std" | "none" (rl.ddpo.step_weights)
     kl_coef: float = 0.0
+    anchor_decay: float = 0.0  # per-step pull toward anchor_controlnet (rl.anchor); 0 = off
+    anchor_controlnet: str | os.PathLike[str] | None = None  # default: the starting --controlnet
     batch_size: int = 8
     grad_accum: int = 1
     max_grad_norm: float = 1.0
@@ -116,6 +118,9 @@ class TrainConfig:
         need(0 < self.clip_range < 1, f"--clip-range must be in (0, 1), got {self.clip_range}")
         need(0 < self.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1], got {self.timestep_fraction}")
         need(self.kl_coef >= 0, f"--kl-coef must be >= 0, got {self.kl_coef}")
+        need(0 <= self.anchor_decay < 1, f"--anchor-decay must be in [0, 1), got {self.anchor_decay}")
+        need(self.anchor_decay == 0 or self.mode != "lora",
+             "--anchor-decay needs --mode full or zero_convs (a LoRA adapter's rank already limits its drift)")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
         need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
@@ -503,6 +508,14 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
     model, optimizer = accelerator.prepare(policy, optimizer)
     raw = accelerator.unwrap_model(model)
+    anchor = None
+    if config.anchor_decay > 0:  # after prepare: the reference lives on the parameters' device
+        from .anchor import WeightAnchor
+        from .convert import load_controlnet
+
+        ref_path = config.anchor_controlnet or config.controlnet
+        anchor = WeightAnchor.build(raw.controlnet, load_controlnet(ref_path, loaded.controlnet_config))
+        say(f"weight anchor: decay {config.anchor_decay} per step toward {ref_path}")
     metrics: list[dict[str, Any]] = []
     start_epoch, global_step = 0, 0
     if resume_state is not None:
@@ -563,6 +576,8 @@ def train(config: TrainConfig, log=None) -> TrainResult:
             gn = accelerator.clip_grad_norm_(params, config.max_grad_norm)
             stats["grad_norm"].append(float(gn) if gn is not None else math.nan)
             optimizer.step()
+            if anchor is not None:
+                anchor.pull(config.anchor_decay)
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
         bar.close()
@@ -573,6 +588,7 @@ def train(config: TrainConfig, log=None) -> TrainResult:
             "reward_mean": data["reward_mean"], "reward_std": data["reward_std"],
             **({"decode_rate": data["decoded_mean"]} if "decoded_mean" in data else {}),
             **{k: float(np.mean(v)) for k, v in stats.items() if v}, **diag,
+            **({"anchor_distance": anchor.distance()} if anchor is not None else {}),
         }
         row["samples_steps_per_s"] = len(mbs) and sum(len(mb) for mb in mbs) / row["seconds"]
         metrics.append(row)

@@ -81,6 +81,11 @@ def test_config_validation_messages(tmp_path):
     with pytest.raises(QRRLError, match="step_weighting"):
         LoopConfig(backend="local", step_weighting="sigma").validate()
     LoopConfig(backend="local", mode="zero_convs", step_weighting="none").validate()
+    with pytest.raises(QRRLError, match="anchor_decay"):
+        LoopConfig(backend="local", mode="lora", anchor_decay=0.1).validate()
+    with pytest.raises(QRRLError, match="anchor_decay"):
+        LoopConfig(backend="local", mode="full", anchor_decay=-0.1).validate()
+    LoopConfig(backend="local", mode="zero_convs", anchor_decay=0.05).validate()
 
 
 # ---------------------------------------------------------------- curriculum

@@ -283,3 +283,43 @@ def test_zero_convs_mode_changes_only_the_output_projections(models, shards, tmp
     assert changed and all(k.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")) for k in changed)
     with pytest.raises(QRRLError, match="step-weighting"):
         train(models.config([folder], tmp_path / "w.safetensors", step_weighting="sigma"))
+
+
+def test_weight_anchor_pulls_toward_the_reference_by_the_decay():
+    from rl.anchor import WeightAnchor
+
+    trained, ref = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    trained.bias.requires_grad_(False)  # only trainable parameters are anchored
+    w0, b0 = trained.weight.detach().clone(), trained.bias.detach().clone()
+    anchor = WeightAnchor.build(trained, ref)
+    assert set(anchor.params) == {"weight"}
+    d0 = anchor.distance()
+    anchor.pull(0.25)
+    assert torch.allclose(trained.weight, w0 - 0.25 * (w0 - ref.weight))
+    assert torch.equal(trained.bias, b0)
+    assert anchor.distance() == pytest.approx(0.75 * d0, rel=1e-5)
+    with pytest.raises(QRRLError, match="shape"):
+        WeightAnchor.build(torch.nn.Linear(3, 2), torch.nn.Linear(4, 2))
+    with pytest.raises(QRRLError, match="no parameter"):
+        WeightAnchor.build(torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.nn.Linear(3, 2))
+
+
+def test_anchor_decay_keeps_training_closer_to_the_anchor(models, shards, tmp_path):
+    """Same data, seed and lr: with the anchor the trained ControlNet ends nearer the pretrained one."""
+    from safetensors.torch import load_file
+
+    folder, _ = shards
+    runs = {}
+    for decay in (0.0, 0.5):
+        out = tmp_path / f"a{decay}.safetensors"
+        res = train(models.config([folder], out, mode="zero_convs", epochs=2, lr=1e-2, anchor_decay=decay,
+                                  export_layout="diffusers"), log=lambda m: None)
+        start, end = load_file(str(models.cn_path)), load_file(str(out))
+        runs[decay] = sum(float(((end[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
+        if decay:
+            assert res.metrics[-1]["anchor_distance"] == pytest.approx(runs[decay], rel=1e-3)
+    assert 0 < runs[0.5] < 0.75 * runs[0.0]
+    with pytest.raises(QRRLError, match="anchor-decay"):
+        train(models.config([folder], tmp_path / "l.safetensors", mode="lora", anchor_decay=0.1))
+    with pytest.raises(QRRLError, match="anchor-decay"):
+        train(models.config([folder], tmp_path / "r.safetensors", mode="full", anchor_decay=1.0))

@@ -35,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-samples", type=int, default=None, help="fixed evaluation samples (default 64)")
     p.add_argument("--clip-weight", type=float, default=None, help="weight of the art reward vs the scan reward (0.5)")
     p.add_argument("--lr", type=float, default=None, help="trainer learning rate (default 1e-3)")
+    p.add_argument("--anchor-decay", type=float, default=None,
+                   help="per-step pull of the trained weights back toward the pretrained ControlNet (default 0 = off)")
     p.add_argument("--epochs", type=int, default=None, help="PPO epochs per round (default 1)")
     p.add_argument("--mode", choices=("zero_convs", "lora", "full"), default=None,
                    help="what the trainer updates (default zero_convs: the ControlNet's output projections)")
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, run_demo
 
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
-             "eval_samples", "clip_weight", "mode", "lr", "epochs", "seed", "threads")
+             "eval_samples", "clip_weight", "mode", "lr", "anchor_decay", "epochs", "seed", "threads")
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     kw["progress"] = not args.no_progress
     cfg = DemoConfig.quick(args.out, **kw) if args.quick else DemoConfig(out=args.out, **kw)

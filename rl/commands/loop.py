@@ -53,6 +53,8 @@ OPTIONS: list[tuple[str, str, str, str]] = [
     ("timestep_fraction", "--timestep-fraction", "float", "fraction of steps trained per sample (default 0.5)"),
     ("step_weighting", "--step-weighting", "str", "per-step loss weights: std (default) or none"),
     ("kl_coef", "--kl-coef", "float", "KL penalty to the round's starting policy (default 0)"),
+    ("anchor_decay", "--anchor-decay", "float",
+     "per-step pull of the trained weights toward the loop's starting ControlNet, 0-1 (default 0 = off)"),
     ("mixed_precision", "--mixed-precision", "str", "no, bf16 or fp16 (GPU)"),
     ("export_dtype", "--export-dtype", "str", "dtype of the exported ControlNet: fp16 (default), bf16, fp32"),
     ("train_seed", "--train-seed", "int", "trainer seed (round k uses seed + k)"),

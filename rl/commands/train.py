@@ -38,6 +38,11 @@ def register(subparsers) -> None:
                    help="std (default): weight each step's loss by its noise std so the low-noise last steps do "
                         "not drown the others; none: the plain sum over steps")
     p.add_argument("--kl-coef", type=float, default=0.0, help="weight of the KL to the starting ControlNet (default 0)")
+    p.add_argument("--anchor-decay", type=float, default=0.0,
+                   help="after each optimizer step pull the weights this fraction of the way back toward "
+                        "--anchor-controlnet (default 0 = off; full and zero_convs modes)")
+    p.add_argument("--anchor-controlnet", default=None,
+                   help="the ControlNet the anchor pulls toward (default: --controlnet, the starting one)")
     p.add_argument("--batch-size", type=int, default=8, help="(sample, step) units per forward (default 8)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
@@ -71,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         unet_config=args.unet_config, controlnet_config=args.controlnet_config,
         mode=args.mode or ("full" if args.full else "lora"), step_weighting=args.step_weighting, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr,
         weight_decay=args.weight_decay, epochs=args.epochs, clip_range=args.clip_range,
-        timestep_fraction=args.timestep_fraction, kl_coef=args.kl_coef, batch_size=args.batch_size,
+        timestep_fraction=args.timestep_fraction, kl_coef=args.kl_coef, anchor_decay=args.anchor_decay,
+        anchor_controlnet=args.anchor_controlnet, batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, resume=args.resume,
         allow_base_mismatch=args.allow_base_mismatch, seed=args.seed, min_group_size=args.min_group_size,
