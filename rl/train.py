@@ -121,6 +121,8 @@ class TrainConfig:
         need(0 <= self.anchor_decay < 1, f"--anchor-decay must be in [0, 1), got {self.anchor_decay}")
         need(self.anchor_decay == 0 or self.mode != "lora",
              "--anchor-decay needs --mode full or zero_convs (a LoRA adapter's rank already limits its drift)")
+        need(self.anchor_controlnet is None or Path(self.anchor_controlnet).is_file(),
+             f"--anchor-controlnet {self.anchor_controlnet} not found (the ControlNet the anchor pulls toward)")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
         need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")

@@ -323,3 +323,6 @@ def test_anchor_decay_keeps_training_closer_to_the_anchor(models, shards, tmp_pa
         train(models.config([folder], tmp_path / "l.safetensors", mode="lora", anchor_decay=0.1))
     with pytest.raises(QRRLError, match="anchor-decay"):
         train(models.config([folder], tmp_path / "r.safetensors", mode="full", anchor_decay=1.0))
+    with pytest.raises(QRRLError, match="anchor-controlnet"):
+        train(models.config([folder], tmp_path / "m.safetensors", mode="full", anchor_decay=0.1,
+                            anchor_controlnet=tmp_path / "missing.safetensors"))
