@@ -83,9 +83,11 @@ class DemoConfig:
         need(self.groups >= 1 and self.group_size >= 2, "need --groups >= 1 and --group-size >= 2")
         need(self.eval_samples >= 1, f"--eval-samples must be >= 1, got {self.eval_samples}")
         need(self.clip_weight >= 0, f"--clip-weight must be >= 0, got {self.clip_weight}")
-        need(0 <= self.anchor_decay < 1, f"--anchor-decay must be in [0, 1), got {self.anchor_decay}")
         need(self.curriculum in ("none", "constant", "linear", "cosine", "exponential", "adaptive"),
              f"unknown --curriculum {self.curriculum!r}: use none, linear, cosine, exponential or adaptive")
+        from .train import check_training_options
+
+        check_training_options(self.mode, self.step_weighting, self.anchor_decay)
 
 
 @dataclass

@@ -166,17 +166,9 @@ class LoopConfig:
         if self.per_server_concurrency < 1:
             raise QRRLError(f"per_server_concurrency must be >= 1, got {self.per_server_concurrency}")
         # fail before the first collection, not after it
-        from .ddpo import STEP_WEIGHTINGS
-        from .policy import TRAINING_MODES
+        from .train import check_training_options
 
-        if self.mode not in TRAINING_MODES:
-            raise QRRLError(f"mode must be one of {', '.join(TRAINING_MODES)}, got {self.mode!r}")
-        if self.step_weighting not in STEP_WEIGHTINGS:
-            raise QRRLError(f"step_weighting must be one of {', '.join(STEP_WEIGHTINGS)}, got {self.step_weighting!r}")
-        if not 0 <= self.anchor_decay < 1:
-            raise QRRLError(f"anchor_decay must be in [0, 1), got {self.anchor_decay}")
-        if self.anchor_decay > 0 and self.mode == "lora":
-            raise QRRLError("anchor_decay needs mode full or zero_convs (a LoRA adapter's rank already limits its drift)")
+        check_training_options(self.mode, self.step_weighting, self.anchor_decay)
 
     def curriculum_obj(self) -> Curriculum:
         return Curriculum(kind=self.curriculum, start=self.start_strength, end=self.end_strength, rounds=self.rounds,

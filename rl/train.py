@@ -60,6 +60,19 @@ RUN_STATE_VERSION = 1
 EXPORT_FORMAT = "qr-rl-controlnet"
 
 
+def check_training_options(mode: str, step_weighting: str, anchor_decay: float) -> None:
+    """The trainer options that ``qr-rl train``, ``qr-rl loop`` and ``qr-rl demo`` share, checked
+    in one place so that the loop and the demo fail before their first collection."""
+    if mode not in TRAINING_MODES:
+        raise QRRLError(f"--mode must be one of {', '.join(TRAINING_MODES)}, got {mode!r}")
+    if step_weighting not in STEP_WEIGHTINGS:
+        raise QRRLError(f"--step-weighting must be one of {', '.join(STEP_WEIGHTINGS)}, got {step_weighting!r}")
+    if not 0 <= anchor_decay < 1:
+        raise QRRLError(f"--anchor-decay must be in [0, 1), got {anchor_decay}")
+    if anchor_decay > 0 and mode == "lora":
+        raise QRRLError("--anchor-decay needs --mode full or zero_convs (a LoRA adapter's rank already limits its drift)")
+
+
 @dataclass
 class TrainConfig:
     """Everything one training run needs; the CLI maps its flags 1:1 onto these fields."""
@@ -109,18 +122,13 @@ class TrainConfig:
                 raise QRRLError(msg)
 
         need(bool(self.trajectories), "give at least one --trajectories folder")
-        need(self.mode in TRAINING_MODES, f"mode must be one of {', '.join(TRAINING_MODES)}, got {self.mode!r}")
-        need(self.step_weighting in STEP_WEIGHTINGS,
-             f"--step-weighting must be one of {', '.join(STEP_WEIGHTINGS)}, got {self.step_weighting!r}")
+        check_training_options(self.mode, self.step_weighting, self.anchor_decay)
         need(self.lora_rank >= 1, f"--lora-rank must be >= 1, got {self.lora_rank}")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(0 < self.clip_range < 1, f"--clip-range must be in (0, 1), got {self.clip_range}")
         need(0 < self.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1], got {self.timestep_fraction}")
         need(self.kl_coef >= 0, f"--kl-coef must be >= 0, got {self.kl_coef}")
-        need(0 <= self.anchor_decay < 1, f"--anchor-decay must be in [0, 1), got {self.anchor_decay}")
-        need(self.anchor_decay == 0 or self.mode != "lora",
-             "--anchor-decay needs --mode full or zero_convs (a LoRA adapter's rank already limits its drift)")
         need(self.anchor_controlnet is None or Path(self.anchor_controlnet).is_file(),
              f"--anchor-controlnet {self.anchor_controlnet} not found (the ControlNet the anchor pulls toward)")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")

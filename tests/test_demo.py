@@ -46,3 +46,15 @@ def test_demo_without_shards_keeps_the_controlnet(tmp_path):
     assert not (res.out / "rounds").exists()
     assert (res.out / "controlnet.safetensors").stat().st_size > 0
     assert json.loads((res.out / "summary.json").read_text())["after"]["decode_rate"] >= 0.0
+
+
+def test_bad_trainer_options_are_refused_before_any_sampling(tmp_path):
+    """The demo checks the trainer options the way `qr-rl train` does, before its first round."""
+    from rl.demo import DemoConfig
+    from rl.errors import QRRLError
+
+    with pytest.raises(QRRLError, match="anchor-decay needs --mode"):
+        DemoConfig(out=tmp_path, mode="lora", anchor_decay=0.1).validate()
+    with pytest.raises(QRRLError, match="--mode must be one of"):
+        DemoConfig(out=tmp_path, mode="zero-convs").validate()
+    DemoConfig(out=tmp_path, mode="zero_convs", anchor_decay=0.05).validate()

@@ -78,12 +78,12 @@ def test_config_validation_messages(tmp_path):
         LoopConfig(backend="local", start_strength=0.5, end_strength=1.0).validate()
     with pytest.raises(QRRLError, match="lora, full, zero_convs"):
         LoopConfig(backend="local", mode="zero-convs").validate()
-    with pytest.raises(QRRLError, match="step_weighting"):
+    with pytest.raises(QRRLError, match="step-weighting"):
         LoopConfig(backend="local", step_weighting="sigma").validate()
     LoopConfig(backend="local", mode="zero_convs", step_weighting="none").validate()
-    with pytest.raises(QRRLError, match="anchor_decay"):
+    with pytest.raises(QRRLError, match="anchor-decay"):
         LoopConfig(backend="local", mode="lora", anchor_decay=0.1).validate()
-    with pytest.raises(QRRLError, match="anchor_decay"):
+    with pytest.raises(QRRLError, match="anchor-decay"):
         LoopConfig(backend="local", mode="full", anchor_decay=-0.1).validate()
     LoopConfig(backend="local", mode="zero_convs", anchor_decay=0.05).validate()
 
