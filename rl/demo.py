@@ -53,6 +53,12 @@ class DemoConfig:
     lora_rank: int = 4  # only with mode "lora"
     lr: float = 1e-3
     anchor_decay: float = 0.0  # per-step pull toward the pretrained ControlNet (rl.anchor)
+    train_controlnet: bool = True  # DDPO on the ControlNet's weights (the shards) each round
+    learn_schedule: bool = True  # learn the per-step strength curve too (rl.schedule_policy, docs/demo.md)
+    schedule_sigma: float = 0.2  # log-gain exploration per step
+    schedule_lr: float = 2.0  # natural-gradient step of the schedule's mean log-gain
+    art_floor: float = 0.95  # art below this fraction of the pretrained ControlNet's is penalised (0 = off)
+    art_floor_weight: float = 5.0  # slope of that penalty (the scan reward is at most 1)
     epochs: int = 1
     clip_range: float = 0.2
     timestep_fraction: float = 1.0
@@ -85,9 +91,15 @@ class DemoConfig:
         need(self.clip_weight >= 0, f"--clip-weight must be >= 0, got {self.clip_weight}")
         need(self.curriculum in ("none", "constant", "linear", "cosine", "exponential", "adaptive"),
              f"unknown --curriculum {self.curriculum!r}: use none, linear, cosine, exponential or adaptive")
+        need(0 <= self.art_floor < 1, f"--art-floor must be in [0, 1) (a fraction of the pretrained art similarity), got {self.art_floor}")
+        need(self.art_floor_weight >= 0, f"--art-floor-weight must be >= 0, got {self.art_floor_weight}")
+        need(self.train_controlnet or self.learn_schedule,
+             "nothing to learn: --no-train-controlnet needs the strength schedule (drop --no-learn-schedule)")
+        from .schedule_policy import check_schedule_options
         from .train import check_training_options
 
         check_training_options(self.mode, self.step_weighting, self.anchor_decay)
+        check_schedule_options(self.schedule_sigma, self.schedule_lr)
 
 
 @dataclass
@@ -113,11 +125,18 @@ def _strength_plan(cfg: DemoConfig, high: float, low: float):
 
 
 def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: int, cfg: DemoConfig,
-                  round_dir: Path, scorer, base_sha: str) -> dict[str, Any]:
+                  round_dir: Path, scorer, base_sha: str, schedule=None, art_floor: float | None = None,
+                  ) -> dict[str, Any]:
     """Sample ``groups × group_size`` trajectories at ``strength``, score them, write one shard
-    into ``round_dir/shards``."""
+    into ``round_dir/shards``.
+
+    With a :class:`rl.schedule_policy.SchedulePolicy`, each sample draws its own per-step
+    strengths around the schedule (recorded ``[B,K]``), and the returned row carries the
+    draws (``_delta``) and group advantages (``_advantages``) the schedule update needs.
+    With ``art_floor``, art similarity below it is penalised (:func:`rl.reward.floor_penalty`).
+    """
     from .convert import file_sha256
-    from .reward import combine_rewards
+    from .reward import combine_rewards, floor_penalty
     from .scan import scan_reward
     from .toy import images_hwc_uint8, sample
     from .trajectory import Trajectory, write_shard
@@ -135,18 +154,28 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
             payloads.append(payload)
             seeds.append(int(rng.integers(0, 2**31 - 1)))
     codes = [world.toy_code(p) for p in payloads]
-    out = sample(model, prompts, codes, seeds, strength, controlnet=controlnet)
+    delta = None
+    strengths: Any = strength
+    if schedule is not None:
+        strengths, delta = schedule.draw(len(prompts), strength, np.random.default_rng([cfg.seed, 2000 + r]))
+    out = sample(model, prompts, codes, seeds, strengths, controlnet=controlnet)
     base = sample(model, prompts, None, seeds, 0.0, record=False).images
     scan = scan_reward(images_hwc_uint8(out.images), codes)
     art = model.art_reward(out.images, prompts, base, scorer)
-    reward = combine_rewards([scan, art], [1.0, cfg.clip_weight])
+    parts, weights = [scan, art], [1.0, cfg.clip_weight]
+    if art_floor is not None:
+        parts.append(floor_penalty(art.components["clip_image"], art_floor))
+        weights.append(cfg.art_floor_weight)
+    reward = combine_rewards(parts, weights)
     info = model.info
     meta = {
         "cfg": float(info["sampling"]["cfg"]), "sampler": "qr_rl_toy",
         "scheduler": info["sampling"].get("scheduler", "simple-sd"),
         "prompts": prompts, "payloads": payloads, "qr": [c.to_metadata() for c in codes],
-        "strength_schedule": {"curve": "constant", "strength_start": strength, "strength_end": strength,
-                              "start_percent": 0.0, "end_percent": 1.0, "keyframes": [], "step_at": 0.5},
+        "strength_schedule": None if schedule is not None else {
+            "curve": "constant", "strength_start": strength, "strength_end": strength,
+            "start_percent": 0.0, "end_percent": 1.0, "keyframes": [], "step_at": 0.5},
+        "schedule_exploration": None if schedule is None else schedule.to_dict(strength),
         "base_sha256": base_sha, "controlnet_sha256": file_sha256(controlnet_path),
         "curriculum_round": r, "policy_version": r,
     }
@@ -154,11 +183,19 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
                                   hint=out.hints, reward=reward, meta=meta)
     path = write_shard(traj, round_dir, "shards", prefix=f"round-{r:03d}")
     comp = reward.components
-    return {
+    row: dict[str, Any] = {}
+    if schedule is not None:
+        from .ddpo import compute_advantages, group_key
+
+        keys = [group_key(p, q, float(strength)) for p, q in zip(prompts, payloads)]
+        row = {"_delta": delta, "_advantages": compute_advantages(reward.total, keys, min_group_size=cfg.group_size),
+               "mean_strength": float(torch.as_tensor(strengths).mean())}
+    return row | {
         "round": r, "strength": float(strength), "samples": len(prompts), "shard": str(path),
         "decode_rate": float(comp["decoded"].mean()), "module_accuracy": float(comp["module_accuracy"].mean()),
         "art_similarity": float(comp["clip_image"].mean()), "text_similarity": float(comp["clip_text"].mean()),
         "reward": float(reward.total.mean()),
+        "art_shortfall": float(comp["art_shortfall"].mean()) if "art_shortfall" in comp else 0.0,
     }
 
 
@@ -182,7 +219,7 @@ def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: 
         "logp_drift_max_abs": float(res.data.get("logp_drift_max_abs", math.nan))}
 
 
-def _evaluate(model, controlnet, strength: float, cfg: DemoConfig, scorer, base_images) -> dict[str, Any]:
+def _evaluate(model, controlnet, strength, cfg: DemoConfig, scorer, base_images) -> dict[str, Any]:
     from .toy import measure
 
     seeds = list(range(50_000 + 1000 * cfg.seed, 50_000 + 1000 * cfg.seed + cfg.eval_samples))
@@ -223,6 +260,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     before = _evaluate(model, None, low, cfg, scorer, base_images)
     say(f"before RL at strength {low}: decode {before['decode_rate']:.0%}, module accuracy "
         f"{before['module_accuracy']:.3f}, art {before['art_similarity']:.3f}")
+    art_floor = cfg.art_floor * before["art_similarity"] if cfg.art_floor > 0 else None
+    schedule = None
+    if cfg.learn_schedule:
+        from .schedule_policy import SchedulePolicy
+
+        schedule = SchedulePolicy(model.steps, sigma=cfg.schedule_sigma, lr=cfg.schedule_lr)
 
     # ---- rounds
     cn_path = model.controlnet_path
@@ -237,17 +280,23 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
             strength = plan.strength_for_round(r, history)
         round_dir = out / "rounds" / f"r{r:03d}"
         t0 = time.perf_counter()
-        row = collect_round(model, controlnet, cn_path, strength, r, cfg, round_dir, scorer, base_sha)
+        row = collect_round(model, controlnet, cn_path, strength, r, cfg, round_dir, scorer, base_sha,
+                            schedule=schedule, art_floor=art_floor)
         row["collect_s"] = round(time.perf_counter() - t0, 1)
         history.append(row["decode_rate"])
         round_shards = Path(row["shard"]).parent
         t0 = time.perf_counter()
-        new_path, train_stats = train_round(model, round_shards, cn_path, out / "rounds" / f"r{r:03d}" /
-                                            "controlnet.safetensors", r, cfg, lambda m: None)
-        row.update(train_stats)
+        if cfg.train_controlnet:
+            new_path, train_stats = train_round(model, round_shards, cn_path, out / "rounds" / f"r{r:03d}" /
+                                                "controlnet.safetensors", r, cfg, lambda m: None)
+            row.update(train_stats)
+            cn_path = new_path
+            controlnet = load_controlnet(cn_path, model.controlnet_config_path).requires_grad_(False)
+        if schedule is not None:
+            adv = row.pop("_advantages")
+            row.update(schedule.update(row.pop("_delta"), adv.values, adv.mask))
+            row["schedule_gains"] = [round(float(g), 4) for g in schedule.gains()]
         row["train_s"] = round(time.perf_counter() - t0, 1)
-        cn_path = new_path
-        controlnet = load_controlnet(cn_path, model.controlnet_config_path).requires_grad_(False)
         rounds.append(row)
         bar.update(1)
         bar.set_postfix(strength=f"{strength:.2f}", decode=f"{row['decode_rate']:.0%}", art=f"{row['art_similarity']:.2f}")
@@ -261,8 +310,15 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     if not cfg.keep_shards:  # after the copy: the last round's ControlNet lives in rounds/
         shutil.rmtree(out / "rounds", ignore_errors=True)
 
-    # ---- after
-    after = _evaluate(model, controlnet, low, cfg, scorer, base_images)
+    # ---- after: the trained ControlNet, with the learned strength curve when there is one
+    after_strength: Any = low if schedule is None else schedule.schedule(low).tolist()
+    after = _evaluate(model, controlnet, after_strength, cfg, scorer, base_images)
+    positions = None
+    if schedule is not None:  # the node measures progress as 1 − timestep/999 (ComfyUI's percent)
+        from .toy import sampling_schedule
+
+        positions = [1.0 - float(t) / 999.0 for t in sampling_schedule(model.steps)[1]]
+        schedule.save(out / "schedule.json", base=low, positions=positions)
     wall = time.perf_counter() - t_start
     keys = ("decode_rate", "module_accuracy", "art_similarity", "text_similarity")
     summary: dict[str, Any] = {
@@ -270,12 +326,16 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         "strengths": [row["strength"] for row in rounds], "rounds": cfg.rounds,
         "samples_per_round": cfg.groups * cfg.group_size, "eval_samples": cfg.eval_samples,
         "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
+        "art_floor": art_floor, "trained_controlnet": cfg.train_controlnet,
+        "schedule": None if schedule is None else schedule.to_dict(low, positions),
+        "after_mean_strength": float(np.mean(after_strength)),
         "art_similarity_change": (after["art_similarity"] - before["art_similarity"]) / max(1e-9, before["art_similarity"]),
         "wall_time_s": round(wall, 1), "cpu_time_s": round(time.process_time() - cpu_start, 1),
         "threads": torch.get_num_threads(), "config": {k: (str(v) if isinstance(v, Path) else v)
                                                         for k, v in asdict(cfg).items()},
         "files": {"controlnet": str(final_cn), "curves": str(out / "curves.png"), "samples": str(out / "samples.png"),
-                  "table": str(out / "table.md"), "rounds": str(out / "rounds.jsonl")},
+                  "table": str(out / "table.md"), "rounds": str(out / "rounds.jsonl")}
+                 | ({"schedule": str(out / "schedule.json")} if schedule is not None else {}),
     }
     atomic_write_text(out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rounds))
     atomic_write_text(out / "table.md", before_after_table(summary))
@@ -300,6 +360,11 @@ def before_after_table(summary: dict[str, Any]) -> str:
              "", "| metric | pretrained ControlNet | after RL |", "|---|---|---|"]
     for label, key, fmt in rows:
         lines.append(f"| {label} | {fmt.format(b[key])} | {fmt.format(a[key])} |")
+    sched = summary.get("schedule")
+    if sched:
+        lines += ["", f"After RL the ControlNet runs on the learned strength curve (mean {summary['after_mean_strength']:.3f}; "
+                  f"per step {', '.join(f'{v:.2f}' for v in sched['schedule'])}). Keyframes for the "
+                  f"QR Scheduled ControlNet Apply node: `{sched['keyframes']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -317,9 +382,13 @@ def screen_summary(summary: dict[str, Any]) -> str:
         f" {'module accuracy':28s}{b['module_accuracy']:>14.3f}{a['module_accuracy']:>14.3f}",
         f" {'art similarity':28s}{b['art_similarity']:>14.3f}{a['art_similarity']:>14.3f}",
         f" {'prompt similarity':28s}{b['text_similarity']:>14.3f}{a['text_similarity']:>14.3f}",
+        *([f" {'mean ControlNet strength':28s}{summary['demo_strength']:>14.3f}{summary['after_mean_strength']:>14.3f}",
+           " learned strength per step: " + " ".join(f"{v:.2f}" for v in summary["schedule"]["schedule"])]
+          if summary.get("schedule") else []),
         "-" * 66,
         f" wall time {summary['wall_time_s'] / 60:.1f} min; report in {Path(summary['files']['table']).parent}",
-        "   summary.json, table.md, curves.png, samples.png, controlnet.safetensors",
+        "   summary.json, table.md, curves.png, samples.png, controlnet.safetensors"
+        + (", schedule.json" if summary.get("schedule") else ""),
         "=" * 66,
     ])
 
@@ -334,10 +403,19 @@ def plot_curves(rounds: list[dict[str, Any]], before: dict[str, Any], after: dic
     xs = [r["round"] + 1 for r in rounds]
     panels = [("decode_rate", "decode rate"), ("module_accuracy", "module accuracy"),
               ("art_similarity", "art similarity"), ("reward", "reward"), ("strength", "ControlNet strength")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 2.8))
+    gains = [r["schedule_gains"] for r in rounds if "schedule_gains" in r]
+    fig, axes = plt.subplots(1, len(panels) + bool(gains), figsize=(3.0 * (len(panels) + bool(gains)), 2.8))
+    if gains:  # the learned curve: strength multiplier per sampling step, first and last round
+        ax = axes[-1]
+        steps = range(1, len(gains[0]) + 1)
+        ax.plot(steps, [1.0] * len(gains[0]), color="gray", ls="--", lw=1, label="start")
+        ax.plot(steps, gains[-1], marker="o", color="green", label="learned")
+        ax.set_title("strength gain per step")
+        ax.set_xlabel("sampling step")
+        ax.legend(fontsize=7)
     for ax, (key, title) in zip(axes, panels):
         ax.plot(xs, [r[key] for r in rounds], marker="o", label="training samples")
-        if key in before:
+        if key in before and key != "strength":
             ax.axhline(before[key], color="gray", ls="--", lw=1, label="before (eval)")
             ax.axhline(after[key], color="green", ls="--", lw=1, label="after (eval)")
         ax.set_title(title)

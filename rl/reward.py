@@ -97,3 +97,21 @@ def combine_rewards(rewards: Sequence[Reward], weights: Sequence[float]) -> Rewa
         for merged, extra in zip(details, reward.details):
             merged.update(extra)
     return Reward(total=total, components=components, details=details)
+
+
+def floor_penalty(values: np.ndarray | Sequence[float], floor: float, name: str = "art_shortfall") -> Reward:
+    """``−max(0, floor − value)`` per sample: a penalty only below ``floor``.
+
+    Why: "keep the art within 5% of the pretrained model, then scan as often as possible" is a
+    constraint, not a trade. A linear CLIP term of weight w charges every bit of visible code
+    the same, so a policy that pays it still drifts off the art as long as decoding gains more.
+    A hinge, weighted well above the scan reward, is flat inside the budget and steep outside
+    it. The policy may then spend the budget wherever the code pays most. The shortfall is kept
+    as a component ``name``.
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not math.isfinite(float(floor)):
+        raise ValueError(f"floor must be finite, got {floor}")
+    shortfall = np.maximum(0.0, float(floor) - v)
+    return Reward(total=-shortfall, components={name: shortfall}, details=[{} for _ in range(v.shape[0])])
+

@@ -342,7 +342,7 @@ class SampleBatch:
     cond: torch.Tensor
     uncond: torch.Tensor
     hints: torch.Tensor  # [B,3,8H,8W] float [0,1]
-    strengths: list[float]
+    strengths: list[float] | list[list[float]]  # [K], or [B][K] for per-sample schedules
 
 
 def images_to_latents(images: torch.Tensor) -> torch.Tensor:
@@ -366,7 +366,7 @@ def sample(
     prompts: Sequence[str],
     codes: Sequence[Any] | None,
     seeds: Sequence[int],
-    strength: float,
+    strength: float | Sequence[float] | torch.Tensor,
     *,
     controlnet: torch.nn.Module | None = None,
     steps: int | None = None,
@@ -378,8 +378,9 @@ def sample(
     """Sample the toy model with the real sampler (``rl.sampling.sample_loop``, ``Policy.denoise``).
 
     ``codes`` None (or ``strength`` 0) samples without the ControlNet -- the base art.
-    The strength is constant over the steps (recorded per step, as the ComfyUI node does).
-    Each sample's noise depends only on its seed.
+    ``strength`` is one value for every step, one per step ``[K]`` (a schedule, as the ComfyUI
+    node's curve gives) or one schedule per sample ``[B,K]`` (how :mod:`rl.schedule_policy`
+    explores); it is recorded as given. Each sample's noise depends only on its seed.
     """
     from .sampling import initial_noise, sample_loop
 
@@ -397,7 +398,13 @@ def sample(
     else:
         hints = torch.stack([world.hint_image(c) for c in codes])
     policy = model.policy(controlnet)
-    strengths = [float(strength)] * steps
+    table = torch.as_tensor(strength, dtype=torch.float32)
+    if table.ndim == 0:
+        table = table.expand(steps)
+    if table.shape not in ((steps,), (n, steps)):
+        raise QRRLError(f"strength must be a number, one value per step ({steps}) or one schedule per sample "
+                        f"({n}×{steps}); got shape {tuple(table.shape)}")
+    per_sample = table.ndim == 2
     shape = (world.LATENT_CHANNELS, world.LATENT_SIZE, world.LATENT_SIZE)
     xs, recs = [], []
     for i in range(0, n, batch_size):
@@ -406,15 +413,20 @@ def sample(
         x0 = initial_noise((len(sd), *shape), sd) * float(sigmas[0])
         c, u, h = cond[sl], uncond[sl], hints[sl]
 
-        def denoise(x: torch.Tensor, sigma: float, k: int, c=c, u=u, h=h) -> torch.Tensor:
-            return policy.denoise(x, sigma, timesteps[k], c, u, h, strengths[k], cfg)
+        st = table[sl] if per_sample else table[None].expand(len(sd), steps)
 
-        x, rec = sample_loop(denoise, x0, sigmas, eta, 1.0, sd, record=record, strengths=strengths)
+        def denoise(x: torch.Tensor, sigma: float, k: int, c=c, u=u, h=h, st=st) -> torch.Tensor:
+            return policy.denoise(x, sigma, timesteps[k], c, u, h, st[:, k], cfg)
+
+        x, rec = sample_loop(denoise, x0, sigmas, eta, 1.0, sd, record=record,
+                             strengths=None if per_sample else table.tolist())
         xs.append(x)
         recs.append(rec)
     rec_all = _cat_records(recs) if record else None
+    if rec_all is not None and per_sample:
+        rec_all.strength = table.clone()
     return SampleBatch(images=latents_to_images(torch.cat(xs)), record=rec_all, timesteps=timesteps,
-                       cond=cond, uncond=uncond, hints=hints, strengths=strengths)
+                       cond=cond, uncond=uncond, hints=hints, strengths=table.tolist())
 
 
 def _cat_records(recs: list) -> Any:
@@ -608,7 +620,7 @@ def eval_prompts_codes(n: int, offset: int = 0) -> tuple[list[str], list[Any], l
     return prompts, codes, payloads
 
 
-def measure(model: ToyModel, strength: float, seeds: Sequence[int], *, controlnet=None, scorer=None,
+def measure(model: ToyModel, strength: float | Sequence[float], seeds: Sequence[int], *, controlnet=None, scorer=None,
             base_images: torch.Tensor | None = None, offset: int = 0) -> dict[str, Any]:
     """Decode rate, module accuracy, art similarity (clip_image vs the no-ControlNet sample) at ``strength``."""
     from .scan import scan_reward
@@ -622,7 +634,7 @@ def measure(model: ToyModel, strength: float, seeds: Sequence[int], *, controlne
         base_images = sample(model, prompts, None, seeds, 0.0, record=False).images
     art = model.art_reward(out.images, prompts, base_images, scorer)
     return {
-        "strength": float(strength), "n": n,
+        "strength": float(strength) if isinstance(strength, (int, float)) else torch.as_tensor(strength).tolist(), "n": n,
         "decode_rate": float(scan.components["decoded"].mean()),
         "module_accuracy": float(scan.components["module_accuracy"].mean()),
         "art_similarity": float(art.components["clip_image"].mean()),

@@ -212,7 +212,9 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
             )
         if meta.get("controlnet_sha256") not in (None, controlnet_sha):
             other_cn += 1
-        active = [k for k in range(traj.num_steps) if traj.std[k] > 0 and traj.strength[k] > 0]
+        # per-step strength; a [B,K] shard (one schedule per sample) counts a step if any sample used it
+        step_strength = traj.strength if traj.strength.ndim == 1 else traj.strength.amax(0)
+        active = [k for k in range(traj.num_steps) if traj.std[k] > 0 and step_strength[k] > 0]
         bucket = (tuple(traj.cond.shape[1:]), tuple(traj.uncond.shape[1:]))
         peak = float(traj.strength.max())
         for s in traj.samples():

@@ -19,7 +19,8 @@ name                   shape                 dtype
 ``timestep``           [K]                   float32 (model timestep of each step)
 ``std``                [K]                   float32 (s_noise·σ_up, 0 = not trainable)
 ``mean_coef``          [K]                   float32 (σ_down/σ)
-``strength``           [K]                   float32 (ControlNet strength of each step)
+``strength``           [K] or [B,K]          float32 (ControlNet strength of each step; [B,K] when
+                                             each sample drew its own schedule)
 ``cond``, ``uncond``   [B,L,D], [B,L',D]     float16 / bfloat16 / float32
 ``hint``               [B,3,8H,8W]           uint8 (the [0,1] hint image × 255)
 ``reward``             [B]                   float32 / float64 (NaN/inf allowed, flagged)
@@ -240,7 +241,7 @@ class Trajectory:
             x=record.x, denoised=record.denoised, log_prob=record.log_prob, sigma=record.sigma,
             timestep=torch.as_tensor(timestep, dtype=torch.float32).reshape(-1),
             std=record.std, mean_coef=record.mean_coef,
-            strength=torch.as_tensor(rec_strength, dtype=torch.float32).reshape(-1),
+            strength=_strength_table(rec_strength, batch),
             cond=cond.detach().cpu(), uncond=uncond.detach().cpu(), hint=hint_to_uint8(hint),
             reward=total, reward_components=comps, meta=full_meta,
         )
@@ -267,6 +268,8 @@ class Trajectory:
             "denoised": (b, k, c, h, w), "log_prob": (b, k), "sigma": (k + 1,), "timestep": (k,),
             "std": (k,), "mean_coef": (k,), "strength": (k,), "hint": (b, 3, 8 * h, 8 * w), "reward": (b,),
         }
+        if tensors["strength"].ndim == 2:  # one schedule per sample
+            expected["strength"] = (b, k)
         for name, shape in expected.items():
             if tuple(tensors[name].shape) != shape:
                 fail(f"{name!r} has shape {tuple(tensors[name].shape)}, expected {shape} "
@@ -368,13 +371,22 @@ class Trajectory:
         for i in range(self.batch_size):
             yield TrajectorySample(
                 x=self.x[i], denoised=self.denoised[i], log_prob=self.log_prob[i], sigma=self.sigma,
-                timestep=self.timestep, std=self.std, mean_coef=self.mean_coef, strength=self.strength,
+                timestep=self.timestep, std=self.std, mean_coef=self.mean_coef,
+                strength=self.strength[i] if self.strength.ndim == 2 else self.strength,
                 cond=self.cond[i], uncond=self.uncond[i], hint=self.hint[i],
                 reward=float(self.reward[i]),
                 components={n: float(t[i]) for n, t in self.reward_components.items()},
                 seed=int(meta["seeds"][i]), prompt=str(meta["prompts"][i]), payload=str(meta["payloads"][i]),
                 qr=dict(meta["qr"][i]), shard_meta=meta, path=self.path, index=i,
             )
+
+
+def _strength_table(strength: Any, batch: int) -> torch.Tensor:
+    """[K] (one schedule for the batch) or [B,K] (one per sample) float32."""
+    t = torch.as_tensor(strength, dtype=torch.float32)
+    if t.ndim == 2 and t.shape[0] == batch:
+        return t.clone()
+    return t.reshape(-1)
 
 
 @dataclass

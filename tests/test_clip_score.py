@@ -305,3 +305,15 @@ def test_real_architecture_config_vit_b_32(tmp_path):
     assert sc.mean == tuple(open_clip.OPENAI_DATASET_MEAN)  # all ViT-B-32 tags agree
     assert np.allclose(sc.image_similarity(_images(1, size=64), _images(1, size=64)), 1.0, atol=1e-5)
     assert time.perf_counter() - start < 60
+
+
+def test_floor_penalty_is_flat_inside_the_budget_and_steep_below():
+    from rl.reward import combine_rewards, floor_penalty
+
+    pen = floor_penalty([0.95, 0.86, 0.80], floor=0.86)
+    assert pen.total.tolist() == pytest.approx([0.0, 0.0, -0.06])
+    assert pen.components["art_shortfall"].tolist() == pytest.approx([0.0, 0.0, 0.06])
+    both = combine_rewards([Reward(total=np.ones(3), components={}), pen], [1.0, 5.0])
+    assert both.total.tolist() == pytest.approx([1.0, 1.0, 0.7])
+    with pytest.raises(ValueError, match="finite"):
+        floor_penalty([0.9], float("nan"))

@@ -31,6 +31,13 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     assert rounds[0]["logp_drift_max_abs"] < 1e-3  # the trainer recomputes exactly what was sampled
     shard = read_shard(rounds[0]["shard"])
     assert shard.meta["curriculum_round"] == 0 and "reward.decoded" in shard.tensors()
+    # the strength curve is learned too: each sample drew its own schedule, recorded per sample
+    assert shard.strength.shape == (shard.batch_size, model.steps) and shard.strength.std() > 0
+    assert "reward.art_shortfall" in shard.tensors()
+    sched = json.loads((out / "schedule.json").read_text())
+    assert sched["updates"] == 2 and sched["keyframes"] == summary["schedule"]["keyframes"]
+    assert summary["after_mean_strength"] == pytest.approx(sched["mean_strength"], rel=1e-5)
+    assert rounds[-1]["schedule_gains"] != [1.0] * model.steps
     load_controlnet(out / "controlnet.safetensors", model.controlnet_config_path)  # loadable
     printed = capsys.readouterr().out
     assert "decode rate" in printed and "after RL" in printed
@@ -58,3 +65,29 @@ def test_bad_trainer_options_are_refused_before_any_sampling(tmp_path):
     with pytest.raises(QRRLError, match="--mode must be one of"):
         DemoConfig(out=tmp_path, mode="zero-convs").validate()
     DemoConfig(out=tmp_path, mode="zero_convs", anchor_decay=0.05).validate()
+
+
+def test_schedule_only_and_plain_runs(tmp_path):
+    """--no-train-controlnet learns only the curve (the ControlNet stays the pretrained one);
+    --no-learn-schedule is the constant-strength DDPO of earlier versions."""
+    from rl.cli import main
+    from rl.demo import DemoConfig
+    from rl.errors import QRRLError
+    from rl.toy import ToyModel
+
+    out = tmp_path / "sched"
+    assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(out),
+                 "--no-progress", "--no-train-controlnet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert not summary["trained_controlnet"] and summary["schedule"]["updates"] == 1
+    model = ToyModel.load()
+    assert (out / "controlnet.safetensors").read_bytes() == model.controlnet_path.read_bytes()
+    plain = tmp_path / "plain"
+    assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(plain),
+                 "--no-progress", "--no-learn-schedule", "--art-floor", "0"]) == 0
+    summary = json.loads((plain / "summary.json").read_text())
+    assert summary["schedule"] is None and summary["art_floor"] is None and not (plain / "schedule.json").exists()
+    with pytest.raises(QRRLError, match="nothing to learn"):
+        DemoConfig(out=tmp_path, learn_schedule=False, train_controlnet=False).validate()
+    with pytest.raises(QRRLError, match="art-floor"):
+        DemoConfig(out=tmp_path, art_floor=1.5).validate()

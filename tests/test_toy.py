@@ -81,6 +81,24 @@ def test_sampling_keeps_a_trainable_controlnet_trainable(shipped):
     assert any(before.values()) and not all(before.values())
 
 
+def test_per_step_and_per_sample_strength_schedules(shipped):
+    """``sample`` takes a number, one strength per step or one schedule per sample; the same
+    curve given each way draws the same images, and each sample's row reaches that sample."""
+    from rl.errors import QRRLError
+    from rl.toy import eval_prompts_codes, sample
+
+    prompts, codes, _ = eval_prompts_codes(2)
+    curve = [0.2, 0.4, 0.8]
+    a = sample(shipped, prompts, codes, [3, 4], curve, steps=3)
+    b = sample(shipped, prompts, codes, [3, 4], torch.tensor([curve, curve]), steps=3)
+    assert torch.equal(a.images, b.images)
+    assert a.record.strength.tolist() == pytest.approx(curve) and b.record.strength.shape == (2, 3)
+    c = sample(shipped, prompts, codes, [3, 4], torch.tensor([curve, [0.0, 0.0, 0.0]]), steps=3)
+    assert torch.equal(c.images[0], a.images[0]) and not torch.equal(c.images[1], a.images[1])
+    with pytest.raises(QRRLError, match="one schedule per sample"):
+        sample(shipped, prompts, codes, [3, 4], [0.4, 0.4], steps=3)
+
+
 def test_shipped_model_strength_ordering(shipped):
     """Without ControlNet: never scans; demo strength: rarely; high strength: almost always, less art."""
     from rl.toy import measure, sample

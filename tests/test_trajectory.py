@@ -309,3 +309,21 @@ def test_written_file_is_plain_safetensors(shard):
     _, path = shard
     tensors = load_file(str(path))
     assert "reward.decoded" in tensors and tensors["x"].dtype == torch.float32
+
+
+def test_per_sample_strengths_round_trip_and_reach_each_sample(tmp_path):
+    """A shard may record one strength schedule per sample ([B,K]): how the learned strength
+    curve explores. Each sample view gets its own row; a wrong shape is refused."""
+    traj = make_traj(batch=3)
+    table = torch.tensor([[1.0, 0.9, 0.8, 0.7], [0.5, 0.5, 0.5, 0.5], [0.0, 1.2, 0.0, 0.3]])
+    per = Trajectory.from_record(
+        type("R", (), {**{k: getattr(traj, k) for k in ("x", "denoised", "log_prob", "sigma", "std", "mean_coef")},
+                       "strength": table, "seeds": traj.meta["seeds"], "eta": 1.0, "s_noise": 1.0})(),
+        timestep=traj.timestep, cond=traj.cond, uncond=traj.uncond, hint=traj.hint, reward=traj.reward,
+        meta={k: traj.meta[k] for k in ("cfg", "prompts", "payloads", "qr")})
+    back = read_shard(write_shard(per, tmp_path, "per-sample"))
+    assert torch.equal(back.strength, table)
+    assert [s.strength.tolist() for s in back.samples()] == table.tolist()
+    bad = write_raw(tmp_path / "bad.safetensors", per, tensors_override={"strength": table[:2]})
+    with pytest.raises(ShardError, match="'strength' has shape"):
+        read_shard(bad)

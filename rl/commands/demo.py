@@ -38,6 +38,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--anchor-decay", type=float, default=None,
                    help="per-step pull of the trained weights back toward the pretrained ControlNet (default 0 = off)")
     p.add_argument("--epochs", type=int, default=None, help="PPO epochs per round (default 1)")
+    p.add_argument("--no-learn-schedule", dest="learn_schedule", action="store_false", default=None,
+                   help="keep the strength constant per step instead of learning the per-step strength curve")
+    p.add_argument("--no-train-controlnet", dest="train_controlnet", action="store_false", default=None,
+                   help="learn only the strength curve; leave the ControlNet's weights as they are")
+    p.add_argument("--schedule-sigma", type=float, default=None,
+                   help="exploration of the strength curve: std of each step's log-gain (default 0.2)")
+    p.add_argument("--schedule-lr", type=float, default=None,
+                   help="natural-gradient step of the strength curve (default 2)")
+    p.add_argument("--art-floor", type=float, default=None,
+                   help="art similarity below this fraction of the pretrained ControlNet's is penalised (default 0.95; 0 = off)")
+    p.add_argument("--art-floor-weight", type=float, default=None, help="slope of that penalty (default 5)")
     p.add_argument("--mode", choices=("zero_convs", "lora", "full"), default=None,
                    help="what the trainer updates (default zero_convs: the ControlNet's output projections)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
@@ -50,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, run_demo
 
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
-             "eval_samples", "clip_weight", "mode", "lr", "anchor_decay", "epochs", "seed", "threads")
+             "eval_samples", "clip_weight", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",
+             "learn_schedule", "train_controlnet", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight")
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     kw["progress"] = not args.no_progress
     cfg = DemoConfig.quick(args.out, **kw) if args.quick else DemoConfig(out=args.out, **kw)
