@@ -6,6 +6,8 @@ editing the model's own base art (its no-ControlNet sample, what the art reward 
 against) directly in pixel space:
 
   controlnet   the shipped ControlNet at a range of strengths (what RL starts from);
+  one step     the demo strength at every step but one, which gets more: where in the denoising
+               the strength buys decode (the lever the learned strength curve finds);
   overlay w    ``(1 - w)·art + w·code`` in black and white (what the ControlNet was taught);
   palette w    the same, with the code painted in the art's own lightest / darkest colours
                (how QR art hides a code);
@@ -75,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     row("base art (no ControlNet)", art, art)
     for s in (0.4, 0.5, 0.6, 0.8, 1.0):
         row(f"controlnet strength {s}", sample(model, prompts, codes, seeds, s, record=False).images, art)
+    steps = model.steps
+    for k, high, base in ((0, 0.8, 0.4), (steps // 2, 0.8, 0.4), (steps - 2, 0.8, 0.4), (steps - 1, 0.8, 0.4),
+                          (steps - 2, 1.2, 0.4), (steps - 2, 1.2, 0.3)):
+        curve = [base] * steps
+        curve[k] = high
+        row(f"one step: {base}, step {k + 1}/{steps} at {high}",
+            sample(model, prompts, codes, seeds, curve, record=False).images, art)
     for w in (0.2, 0.3, 0.4, 0.5, 0.6):
         row(f"overlay w={w}", (1 - w) * art + w * code, art)
     for w in (0.4, 0.5, 0.6, 0.7):

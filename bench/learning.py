@@ -12,7 +12,14 @@ same fixed evaluation set (``rl.toy.eval_prompts_codes``):
                    evaluation items, so (d) spends the same number of samples;
   (e) the dial     the pretrained ControlNet at the demo strength + 0.1 and + 0.2: what RL
                    has to beat. Raising the strength also buys decode with art, so RL earns
-                   its keep only where it ends *above* this curve (more decode at the same art).
+                   its keep only where it ends *above* this curve (more decode at the same art);
+  (f) + DDPO       as (b), also fine-tuning the ControlNet's zero convolutions with DDPO on
+                   each round's shards (``--train-controlnet``; not in the default arms: ≈ 2.5×
+                   the time of (b)).
+
+The RL arms run the demo's defaults: the learned per-step strength curve
+(rl.schedule_policy) with the art-floor reward. The "mean strength" column is the ControlNet
+strength averaged over the sampling steps at evaluation.
 
 Prints decode rate, module accuracy and art similarity as mean ± std over seeds, and writes
 ``--out/learning.json`` and ``--out/learning.md``. With the defaults this is 6 demo runs plus
@@ -99,25 +106,30 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         if "a" in arms:
             runs.append(("(a) pretrained", lambda es=eval_seeds: measure(model, model.demo_strength, es, scorer=scorer)))
-        for key, name, curriculum in (("b", "(b) RL, no curriculum", "none"), ("c", "(c) RL + curriculum", "linear")):
+        for key, name, curriculum, train_cn in (("b", "(b) RL, no curriculum", "none", False),
+                                                ("c", "(c) RL + curriculum", "linear", False),
+                                                ("f", "(f) RL + ControlNet DDPO", "none", True)):
             if key in arms:
-                def rl_run(curriculum=curriculum, key=key, seed=seed):
+                def rl_run(curriculum=curriculum, key=key, seed=seed, train_cn=train_cn):
                     cfg = DemoConfig(out=out / f"{key}-seed{seed}", rounds=args.rounds, groups=args.groups,
                                      group_size=args.group_size, eval_samples=args.eval_samples, seed=seed,
-                                     curriculum=curriculum, progress=False, keep_shards=False)
-                    return run_demo(cfg, log=lambda m: None).summary["after"]
+                                     curriculum=curriculum, train_controlnet=train_cn, progress=False, keep_shards=False)
+                    summary = run_demo(cfg, log=lambda m: None).summary
+                    return summary["after"] | {"strength": summary["after_mean_strength"]}
                 runs.append((name, rl_run))
         if "e" in arms:
             for step in (0.1, 0.2):
                 s = round(model.demo_strength + step, 2)
                 runs.append((f"(e) pretrained at {s}", lambda es=eval_seeds, s=s: measure(model, s, es, scorer=scorer)))
         if "d" in arms:
-            runs.append((f"(d) best-of-{n_best}", lambda seed=seed: best_of_n(model, n_best, args.eval_samples, seed, scorer)))
+            runs.append((f"(d) best-of-{n_best}", lambda seed=seed: best_of_n(model, n_best, args.eval_samples, seed, scorer)
+                         | {"strength": model.demo_strength}))
         for name, fn in runs:
             t0 = time.perf_counter()
             res = fn()
             dt = time.perf_counter() - t0
             row = {k: float(res[k]) for k in ("decode_rate", "module_accuracy", "art_similarity")}
+            row["mean_strength"] = float(np.mean(res["strength"]))
             results.setdefault(name, []).append(row)
             times.setdefault(name, []).append(dt)
             print(f"seed {seed} {name}: decode {row['decode_rate']:.2f} module acc {row['module_accuracy']:.3f} "
@@ -125,14 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Toy model, demo strength {model.demo_strength}, {args.eval_samples} evaluation items, "
              f"{args.seeds} seeds (mean ± std); RL budget {budget} samples ({args.rounds} rounds × "
              f"{args.groups * args.group_size}).", "",
-             "| arm | decode rate | module accuracy | art similarity | wall time / seed |", "|---|---|---|---|---|"]
+             "| arm | decode rate | module accuracy | art similarity | mean strength | wall time / seed |",
+             "|---|---|---|---|---|---|"]
     table = {}
     for name, rows in results.items():
-        cells = {k: _stats([r[k] for r in rows]) for k in ("decode_rate", "module_accuracy", "art_similarity")}
+        cells = {k: _stats([r[k] for r in rows]) for k in ("decode_rate", "module_accuracy", "art_similarity", "mean_strength")}
         table[name] = {k: {"mean": m, "std": s} for k, (m, s) in cells.items()} | {"seconds": float(np.mean(times[name]))}
         lines.append(f"| {name} | {cells['decode_rate'][0]:.0%} ± {cells['decode_rate'][1]:.0%} | "
                      f"{cells['module_accuracy'][0]:.3f} ± {cells['module_accuracy'][1]:.3f} | "
                      f"{cells['art_similarity'][0]:.3f} ± {cells['art_similarity'][1]:.3f} | "
+                     f"{cells['mean_strength'][0]:.2f} | "
                      f"{np.mean(times[name]):.0f} s |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "learning.md", text)

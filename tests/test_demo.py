@@ -84,10 +84,10 @@ def test_schedule_only_and_plain_runs(tmp_path):
     assert (out / "controlnet.safetensors").read_bytes() == model.controlnet_path.read_bytes()
     plain = tmp_path / "plain"
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(plain),
-                 "--no-progress", "--no-learn-schedule", "--art-floor", "0"]) == 0
+                 "--no-progress", "--no-learn-schedule", "--art-floor", "0"]) == 0  # --quick trains the ControlNet
     summary = json.loads((plain / "summary.json").read_text())
     assert summary["schedule"] is None and summary["art_floor"] is None and not (plain / "schedule.json").exists()
     with pytest.raises(QRRLError, match="nothing to learn"):
-        DemoConfig(out=tmp_path, learn_schedule=False, train_controlnet=False).validate()
+        DemoConfig(out=tmp_path, learn_schedule=False).validate()  # the default trains only the curve
     with pytest.raises(QRRLError, match="art-floor"):
         DemoConfig(out=tmp_path, art_floor=1.5).validate()

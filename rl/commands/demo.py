@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="qr-rl-demo", help="report folder (must be empty or absent; default ./qr-rl-demo)")
     p.add_argument("--quick", action="store_true", help="tiny run (≈1-2 min) that checks the pipeline, not the lift")
     p.add_argument("--model", default=None, help="toy model folder from `qr-rl toy pretrain` (default: the shipped one)")
-    p.add_argument("--rounds", type=int, default=None, help="RL rounds (default 10; --quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="RL rounds (default 16; --quick 2)")
     p.add_argument("--curriculum", default=None,
                    help="strength curriculum: none (default: on the toy it measured better), linear, cosine, exponential or adaptive")
     p.add_argument("--strength", type=float, default=None, help="demo (final) ControlNet strength (default: the model's)")
@@ -40,8 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=None, help="PPO epochs per round (default 1)")
     p.add_argument("--no-learn-schedule", dest="learn_schedule", action="store_false", default=None,
                    help="keep the strength constant per step instead of learning the per-step strength curve")
-    p.add_argument("--no-train-controlnet", dest="train_controlnet", action="store_false", default=None,
-                   help="learn only the strength curve; leave the ControlNet's weights as they are")
+    p.add_argument("--train-controlnet", dest="train_controlnet", action="store_true", default=None,
+                   help="also fine-tune the ControlNet's weights with DDPO on each round's shards (on the toy "
+                   "this costs art: docs/demo.md); --quick always does, to test that path")
+    p.add_argument("--no-train-controlnet", dest="train_controlnet", action="store_false",
+                   help="--quick: skip the ControlNet trainer")
     p.add_argument("--schedule-sigma", type=float, default=None,
                    help="exploration of the strength curve: std of each step's log-gain (default 0.2)")
     p.add_argument("--schedule-lr", type=float, default=None,
