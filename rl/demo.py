@@ -58,7 +58,7 @@ class DemoConfig:
     schedule_sigma: float = 0.2  # log-gain exploration per step
     schedule_lr: float = 2.0  # natural-gradient step of the schedule's mean log-gain
     art_floor: float = 0.95  # art below this fraction of the pretrained ControlNet's is penalised (0 = off)
-    art_floor_weight: float = 5.0  # slope of that penalty (the scan reward is at most 1)
+    art_floor_weight: float = 20.0  # slope of that penalty: steeper than the frontier (≈ 10 scan reward per unit art)
     epochs: int = 1
     clip_range: float = 0.2
     timestep_fraction: float = 1.0
@@ -414,7 +414,10 @@ def plot_curves(rounds: list[dict[str, Any]], before: dict[str, Any], after: dic
         ax.set_xlabel("sampling step")
         ax.legend(fontsize=7)
     for ax, (key, title) in zip(axes, panels):
-        ax.plot(xs, [r[key] for r in rounds], marker="o", label="training samples")
+        ax.plot(xs, [r[key] for r in rounds], marker="o", label="base" if key == "strength" else "training samples")
+        if key == "strength" and gains:
+            ax.plot(xs, [r.get("mean_strength", r[key]) for r in rounds], marker=".", label="mean over steps, drawn")
+            ax.legend(fontsize=7)
         if key in before and key != "strength":
             ax.axhline(before[key], color="gray", ls="--", lw=1, label="before (eval)")
             ax.axhline(after[key], color="green", ls="--", lw=1, label="after (eval)")
