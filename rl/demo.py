@@ -58,7 +58,7 @@ class DemoConfig:
     schedule_sigma: float = 0.2  # log-gain exploration per step
     schedule_lr: float = 2.0  # natural-gradient step of the schedule's mean log-gain
     art_floor: float = 0.95  # art below this fraction of the pretrained ControlNet's is penalised (0 = off)
-    art_floor_weight: float = 20.0  # slope of that penalty: steeper than the frontier (≈ 10 scan reward per unit art)
+    art_floor_weight: float = 10.0  # slope of that penalty (5 let art drift past the budget, 20 froze the curve)
     epochs: int = 1
     clip_range: float = 0.2
     timestep_fraction: float = 1.0

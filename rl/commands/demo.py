@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="natural-gradient step of the strength curve (default 2)")
     p.add_argument("--art-floor", type=float, default=None,
                    help="art similarity below this fraction of the pretrained ControlNet's is penalised (default 0.95; 0 = off)")
-    p.add_argument("--art-floor-weight", type=float, default=None, help="slope of that penalty (default 20)")
+    p.add_argument("--art-floor-weight", type=float, default=None, help="slope of that penalty (default 10)")
     p.add_argument("--mode", choices=("zero_convs", "lora", "full"), default=None,
                    help="what the trainer updates (default zero_convs: the ControlNet's output projections)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
