@@ -126,13 +126,13 @@ def _strength_plan(cfg: DemoConfig, high: float, low: float):
 
 def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: int, cfg: DemoConfig,
                   round_dir: Path, scorer, base_sha: str, schedule=None, art_floor: float | None = None,
-                  ) -> dict[str, Any]:
+                  ) -> tuple[dict[str, Any], tuple[torch.Tensor, Any] | None]:
     """Sample ``groups × group_size`` trajectories at ``strength``, score them, write one shard
     into ``round_dir/shards``.
 
-    With a :class:`rl.schedule_policy.SchedulePolicy`, each sample draws its own per-step
-    strengths around the schedule (recorded ``[B,K]``), and the returned row carries the
-    draws (``_delta``) and group advantages (``_advantages``) the schedule update needs.
+    Returns the round's row and, with a :class:`rl.schedule_policy.SchedulePolicy`, what its
+    update needs: each sample drew its own per-step strengths around the schedule (recorded
+    ``[B,K]``), so the pair is (the drawn log-gain offsets, the group advantages).
     With ``art_floor``, art similarity below it is penalised (:func:`rl.reward.floor_penalty`).
     """
     from .convert import file_sha256
@@ -184,19 +184,20 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
     path = write_shard(traj, round_dir, "shards", prefix=f"round-{r:03d}")
     comp = reward.components
     row: dict[str, Any] = {}
+    exploration = None
     if schedule is not None:
         from .ddpo import compute_advantages, group_key
 
         keys = [group_key(p, q, float(strength)) for p, q in zip(prompts, payloads)]
-        row = {"_delta": delta, "_advantages": compute_advantages(reward.total, keys, min_group_size=cfg.group_size),
-               "mean_strength": float(torch.as_tensor(strengths).mean())}
+        exploration = (delta, compute_advantages(reward.total, keys, min_group_size=cfg.group_size))
+        row["mean_strength"] = float(torch.as_tensor(strengths).mean())
     return row | {
         "round": r, "strength": float(strength), "samples": len(prompts), "shard": str(path),
         "decode_rate": float(comp["decoded"].mean()), "module_accuracy": float(comp["module_accuracy"].mean()),
         "art_similarity": float(comp["clip_image"].mean()), "text_similarity": float(comp["clip_text"].mean()),
         "reward": float(reward.total.mean()),
         "art_shortfall": float(comp["art_shortfall"].mean()) if "art_shortfall" in comp else 0.0,
-    }
+    }, exploration
 
 
 def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: int, cfg: DemoConfig,
@@ -280,8 +281,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
             strength = plan.strength_for_round(r, history)
         round_dir = out / "rounds" / f"r{r:03d}"
         t0 = time.perf_counter()
-        row = collect_round(model, controlnet, cn_path, strength, r, cfg, round_dir, scorer, base_sha,
-                            schedule=schedule, art_floor=art_floor)
+        row, exploration = collect_round(model, controlnet, cn_path, strength, r, cfg, round_dir, scorer, base_sha,
+                                         schedule=schedule, art_floor=art_floor)
         row["collect_s"] = round(time.perf_counter() - t0, 1)
         history.append(row["decode_rate"])
         round_shards = Path(row["shard"]).parent
@@ -292,9 +293,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
             row.update(train_stats)
             cn_path = new_path
             controlnet = load_controlnet(cn_path, model.controlnet_config_path).requires_grad_(False)
-        if schedule is not None:
-            adv = row.pop("_advantages")
-            row.update(schedule.update(row.pop("_delta"), adv.values, adv.mask))
+        if schedule is not None and exploration is not None:
+            delta, adv = exploration
+            row.update(schedule.update(delta, adv.values, adv.mask))
             row["schedule_gains"] = [round(float(g), 4) for g in schedule.gains()]
         row["train_s"] = round(time.perf_counter() - t0, 1)
         rounds.append(row)
