@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench-out/learning", help="folder for the runs and the table")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="first seed (default 0): split one benchmark across processes, e.g. --seeds 1 --first-seed 2")
     ap.add_argument("--rounds", type=int, default=None, help="RL rounds per run (default: the demo's)")
     ap.add_argument("--groups", type=int, default=None, help="groups per round (default: the demo's)")
     ap.add_argument("--group-size", type=int, default=None, help="seeds per group (default: the demo's)")
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     n_best = max(1, round(budget / args.eval_samples))
     results: dict[str, list[dict[str, float]]] = {}
     times: dict[str, list[float]] = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         eval_seeds = list(range(50_000 + 1000 * seed, 50_000 + 1000 * seed + args.eval_samples))
         runs = []
         if "a" in arms:

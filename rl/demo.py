@@ -58,10 +58,12 @@ class DemoConfig:
     schedule_sigma: float = 0.2  # log-gain exploration per step
     schedule_lr: float = 2.0  # natural-gradient step of the schedule's mean log-gain
     art_floor: float = 0.95  # art below this fraction of the pretrained ControlNet's is penalised (0 = off)
-    art_floor_weight: float = 10.0  # slope of that penalty (5 let art drift past the budget, 20 froze the curve)
+    art_floor_weight: float = 10.0  # per-sample hinge slope, used when art_price_lr = 0
+    art_price_lr: float = 400.0  # > 0: the floor holds the *mean* art, priced by a Lagrange multiplier (rl.art_budget)
     epochs: int = 1
     clip_range: float = 0.2
     timestep_fraction: float = 1.0
+    steps_from: float = 0.0  # DDPO on the late steps only (--train-controlnet)
     step_weighting: str = "std"
     train_batch_size: int = 48
     grad_accum: int = 3  # 48 × 3 = 144 sample·steps per AdamW step: 4 steps per round of 64 × 9
@@ -92,13 +94,14 @@ class DemoConfig:
         need(self.curriculum in ("none", "constant", "linear", "cosine", "exponential", "adaptive"),
              f"unknown --curriculum {self.curriculum!r}: use none, linear, cosine, exponential or adaptive")
         need(0 <= self.art_floor < 1, f"--art-floor must be in [0, 1) (a fraction of the pretrained art similarity), got {self.art_floor}")
+        need(self.art_price_lr >= 0, f"--art-price-lr must be >= 0, got {self.art_price_lr}")
         need(self.art_floor_weight >= 0, f"--art-floor-weight must be >= 0, got {self.art_floor_weight}")
         need(self.train_controlnet or self.learn_schedule,
              "nothing to learn: --no-learn-schedule needs --train-controlnet")
         from .schedule_policy import check_schedule_options
         from .train import check_training_options
 
-        check_training_options(self.mode, self.step_weighting, self.anchor_decay)
+        check_training_options(self.mode, self.step_weighting, self.anchor_decay, self.steps_from)
         check_schedule_options(self.schedule_sigma, self.schedule_lr)
 
 
@@ -124,27 +127,12 @@ def _strength_plan(cfg: DemoConfig, high: float, low: float):
     return Curriculum(kind=cfg.curriculum, start=high, end=low, rounds=ramp + 1, target_decode_rate=0.8)
 
 
-def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: int, cfg: DemoConfig,
-                  round_dir: Path, scorer, base_sha: str, schedule=None, art_floor: float | None = None,
-                  ) -> tuple[dict[str, Any], tuple[torch.Tensor, Any] | None]:
-    """Sample ``groups × group_size`` trajectories at ``strength``, score them, write one shard
-    into ``round_dir/shards``.
-
-    Returns the round's row and, with a :class:`rl.schedule_policy.SchedulePolicy`, what its
-    update needs: each sample drew its own per-step strengths around the schedule (recorded
-    ``[B,K]``), so the pair is (the drawn log-gain offsets, the group advantages).
-    With ``art_floor``, art similarity below it is penalised (:func:`rl.reward.floor_penalty`).
-    """
-    from .convert import file_sha256
-    from .reward import combine_rewards, floor_penalty
-    from .scan import scan_reward
-    from .toy import images_hwc_uint8, sample
-    from .trajectory import Trajectory, write_shard
-
-    rng = np.random.default_rng([cfg.seed, 1000 + r])
-    specs = world.all_specs()
+def round_items(cfg: DemoConfig, tag: int, r: int) -> tuple[list[str], list[str], list[int]]:
+    """``groups × group_size`` training items: random world prompts, the payloads in turn, fresh seeds."""
     from .toy import DEMO_PAYLOADS
 
+    rng = np.random.default_rng([cfg.seed, tag])
+    specs = world.all_specs()
     prompts, payloads, seeds = [], [], []
     for g in range(cfg.groups):
         spec = specs[int(rng.integers(0, len(specs)))]
@@ -153,6 +141,41 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
             prompts.append(spec.prompt)
             payloads.append(payload)
             seeds.append(int(rng.integers(0, 2**31 - 1)))
+    return prompts, payloads, seeds
+
+
+def reference_art(model, strength: float, cfg: DemoConfig, scorer) -> float:
+    """Mean art similarity of the pretrained ControlNet at ``strength`` on a batch drawn like the
+    training rounds: the budget's reference. Why not the evaluation set's: the constraint is
+    checked on training rounds, whose prompts judge art differently (0.870 vs 0.888 at 0.5)."""
+    from .toy import sample
+
+    prompts, payloads, seeds = round_items(cfg, 900, 0)
+    codes = [world.toy_code(p) for p in payloads]
+    images = sample(model, prompts, codes, seeds, strength, record=False).images
+    base = sample(model, prompts, None, seeds, 0.0, record=False).images
+    return float(model.art_reward(images, prompts, base, scorer).components["clip_image"].mean())
+
+
+def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: int, cfg: DemoConfig,
+                  round_dir: Path, scorer, base_sha: str, schedule=None, art_floor: float | None = None,
+                  budget=None) -> tuple[dict[str, Any], tuple[torch.Tensor, Any] | None]:
+    """Sample ``groups × group_size`` trajectories at ``strength``, score them, write one shard
+    into ``round_dir/shards``.
+
+    Returns the round's row and, with a :class:`rl.schedule_policy.SchedulePolicy`, what its
+    update needs: each sample drew its own per-step strengths around the schedule (recorded
+    ``[B,K]``), so the pair is (the drawn log-gain offsets, the group advantages).
+    With ``art_floor``, art similarity below it is penalised (:func:`rl.reward.floor_penalty`);
+    with ``budget`` (:class:`rl.art_budget.ArtBudget`), art is rewarded at the budget's price.
+    """
+    from .convert import file_sha256
+    from .reward import combine_rewards, floor_penalty
+    from .scan import scan_reward
+    from .toy import images_hwc_uint8, sample
+    from .trajectory import Trajectory, write_shard
+
+    prompts, payloads, seeds = round_items(cfg, 1000 + r, r)
     codes = [world.toy_code(p) for p in payloads]
     delta = None
     strengths: Any = strength
@@ -166,6 +189,9 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
     if art_floor is not None:
         parts.append(floor_penalty(art.components["clip_image"], art_floor))
         weights.append(cfg.art_floor_weight)
+    if budget is not None:
+        parts.append(budget.reward(art.components["clip_image"]))
+        weights.append(1.0)
     reward = combine_rewards(parts, weights)
     info = model.info
     meta = {
@@ -210,7 +236,7 @@ def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: 
         unet_config=model.unet_config_path, controlnet_config=model.controlnet_config_path, mode=cfg.mode,
         lora_rank=cfg.lora_rank, lr=cfg.lr, anchor_decay=cfg.anchor_decay,
         anchor_controlnet=model.controlnet_path if cfg.anchor_decay > 0 else None, epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction,
-        step_weighting=cfg.step_weighting, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed * 100 + r, run_name="demo", round=r,
+        steps_from=cfg.steps_from, step_weighting=cfg.step_weighting, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed * 100 + r, run_name="demo", round=r,
         export_dtype="fp32", export_layout="diffusers", cpu=True, progress=False, min_group_size=cfg.group_size,
     )
     res = train(tc, log=log)
@@ -261,7 +287,16 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     before = _evaluate(model, None, low, cfg, scorer, base_images)
     say(f"before RL at strength {low}: decode {before['decode_rate']:.0%}, module accuracy "
         f"{before['module_accuracy']:.3f}, art {before['art_similarity']:.3f}")
-    art_floor = cfg.art_floor * before["art_similarity"] if cfg.art_floor > 0 else None
+    art_floor, budget = None, None
+    if cfg.art_floor > 0 and cfg.art_price_lr > 0:
+        from .art_budget import ArtBudget
+
+        ref = reference_art(model, low, cfg, scorer)
+        budget = ArtBudget(floor=cfg.art_floor * ref, lr=cfg.art_price_lr)
+        say(f"art budget: mean art similarity >= {budget.floor:.3f} ({cfg.art_floor:g} × {ref:.3f}, the pretrained "
+            f"ControlNet at {low} on training prompts)")
+    elif cfg.art_floor > 0:
+        art_floor = cfg.art_floor * before["art_similarity"]
     schedule = None
     if cfg.learn_schedule:
         from .schedule_policy import SchedulePolicy
@@ -282,7 +317,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         round_dir = out / "rounds" / f"r{r:03d}"
         t0 = time.perf_counter()
         row, exploration = collect_round(model, controlnet, cn_path, strength, r, cfg, round_dir, scorer, base_sha,
-                                         schedule=schedule, art_floor=art_floor)
+                                         schedule=schedule, art_floor=art_floor, budget=budget)
         row["collect_s"] = round(time.perf_counter() - t0, 1)
         history.append(row["decode_rate"])
         round_shards = Path(row["shard"]).parent
@@ -297,6 +332,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
             delta, adv = exploration
             row.update(schedule.update(delta, adv.values, adv.mask))
             row["schedule_gains"] = [round(float(g), 4) for g in schedule.gains()]
+        if budget is not None:
+            row.update(budget.update(row["art_similarity"]))
         row["train_s"] = round(time.perf_counter() - t0, 1)
         rounds.append(row)
         bar.update(1)
@@ -327,7 +364,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         "strengths": [row["strength"] for row in rounds], "rounds": cfg.rounds,
         "samples_per_round": cfg.groups * cfg.group_size, "eval_samples": cfg.eval_samples,
         "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
-        "art_floor": art_floor, "trained_controlnet": cfg.train_controlnet,
+        "art_floor": budget.floor if budget is not None else art_floor,
+        "art_price": budget.price if budget is not None else None, "trained_controlnet": cfg.train_controlnet,
         "schedule": None if schedule is None else schedule.to_dict(low, positions),
         "after_mean_strength": float(np.mean(after_strength)),
         "art_similarity_change": (after["art_similarity"] - before["art_similarity"]) / max(1e-9, before["art_similarity"]),

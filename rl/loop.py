@@ -96,6 +96,7 @@ class LoopConfig:
     grad_accum: int = 1
     clip_range: float = 0.02
     timestep_fraction: float = 0.5
+    steps_from: float = 0.0
     step_weighting: str = "std"
     kl_coef: float = 0.0
     anchor_decay: float = 0.0  # per-step pull toward the loop's starting ControlNet (rl.anchor)
@@ -168,7 +169,7 @@ class LoopConfig:
         # fail before the first collection, not after it
         from .train import check_training_options
 
-        check_training_options(self.mode, self.step_weighting, self.anchor_decay)
+        check_training_options(self.mode, self.step_weighting, self.anchor_decay, self.steps_from)
 
     def curriculum_obj(self) -> Curriculum:
         return Curriculum(kind=self.curriculum, start=self.start_strength, end=self.end_strength, rounds=self.rounds,
@@ -506,7 +507,7 @@ def _train_round(cfg: LoopConfig, rec: dict[str, Any], r: int, round_dir: Path, 
         trajectories=shards, checkpoint=checkpoint, controlnet=rec["controlnet_path"],
         out=round_dir / "train" / "controlnet.safetensors", run_dir=round_dir / "train" / "run",
         unet_config=unet_cfg, controlnet_config=cn_cfg, mode=cfg.mode, lora_rank=cfg.lora_rank, lr=cfg.lr,
-        epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction, kl_coef=cfg.kl_coef,
+        epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction, steps_from=cfg.steps_from, kl_coef=cfg.kl_coef,
         anchor_decay=cfg.anchor_decay, anchor_controlnet=_initial_controlnet(cfg)["path"] if cfg.anchor_decay > 0 else None,
         step_weighting=cfg.step_weighting, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
         resume=True, seed=cfg.train_seed + r, run_name=cfg.name, round=r, export_dtype=cfg.export_dtype,

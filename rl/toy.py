@@ -459,7 +459,7 @@ class PretrainConfig:
     sampling_steps: int = 10
     eta: float = 1.0
     cfg: float = 1.0
-    calibrate_samples: int = 32
+    calibrate_samples: int = 128  # 32 put the demo strength's decode rate 10 points off (docs/demo.md)
     threads: int | None = None
 
 
@@ -695,16 +695,16 @@ def pretrain(config: PretrainConfig, log: Callable[[str], None] | None = None, p
     info["clip_ranges"] = clip_ranges(model, config.seed)
     say(f"toy CLIP ranges: {info['clip_ranges']}")
     t0 = time.perf_counter()
-    info["calibration"] = calibrate(model, config.calibrate_samples, say) if config.calibrate_samples else []
+    if config.calibrate_samples:
+        recalibrate(model, config.calibrate_samples, say)
+    else:
+        info["calibration"] = []
+        info["checksum"] = sample_checksum(model)
     timings["calibration_s"] = time.perf_counter() - t0
-    if info["calibration"]:
-        info["strengths"] = choose_strengths(info["calibration"])
     timings["total_s"] = time.perf_counter() - t_start
     timings["cpu_s"] = time.process_time() - cpu_start
     info["timings"] = {k: round(v, 1) for k, v in timings.items()}
     info["threads"] = torch.get_num_threads()
-    model.save(config.out)
-    info["checksum"] = sample_checksum(model)
     model.save(config.out)
     say(f"wrote {config.out} in {timings['total_s'] / 60:.1f} min; demo strength {info['strengths']['demo']}, "
         f"high strength {info['strengths']['high']}")
@@ -755,6 +755,18 @@ def choose_strengths(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     demo = max(low) if low else min(r["strength"] for r in positive)
     hi = min([h for h in high if h > demo], default=max(r["strength"] for r in positive))
     return {"demo": float(demo), "high": float(hi)}
+
+
+def recalibrate(model: ToyModel, n: int, say: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Measure the strength dial on ``n`` samples, then set the model's calibration, its demo /
+    high strengths (:func:`choose_strengths`) and the load test's checksum (which samples at the
+    demo strength). Updates ``model.info`` in place; the caller saves."""
+    if n < 1:
+        raise QRRLError(f"calibration needs at least 1 sample per strength, got {n}")
+    model.info["calibration"] = calibrate(model, n, say)
+    model.info["strengths"] = choose_strengths(model.info["calibration"])
+    model.info["checksum"] = sample_checksum(model)
+    return model.info["strengths"]
 
 
 def sample_checksum(model: ToyModel) -> dict[str, Any]:

@@ -60,7 +60,7 @@ RUN_STATE_VERSION = 1
 EXPORT_FORMAT = "qr-rl-controlnet"
 
 
-def check_training_options(mode: str, step_weighting: str, anchor_decay: float) -> None:
+def check_training_options(mode: str, step_weighting: str, anchor_decay: float, steps_from: float = 0.0) -> None:
     """The trainer options that ``qr-rl train``, ``qr-rl loop`` and ``qr-rl demo`` share, checked
     in one place so that the loop and the demo fail before their first collection."""
     if mode not in TRAINING_MODES:
@@ -71,6 +71,9 @@ def check_training_options(mode: str, step_weighting: str, anchor_decay: float) 
         raise QRRLError(f"--anchor-decay must be in [0, 1), got {anchor_decay}")
     if anchor_decay > 0 and mode == "lora":
         raise QRRLError("--anchor-decay needs --mode full or zero_convs (a LoRA adapter's rank already limits its drift)")
+    if not 0 <= steps_from < 1:
+        raise QRRLError(f"--steps-from must be in [0, 1) (the fraction of the trajectory before the first trained "
+                        f"step), got {steps_from}")
 
 
 @dataclass
@@ -92,6 +95,7 @@ class TrainConfig:
     epochs: int = 4
     clip_range: float = 0.02
     timestep_fraction: float = 0.5
+    steps_from: float = 0.0  # train only steps k with k / K >= steps_from (the late, detail-setting steps)
     step_weighting: str = "std"  # "std" | "none" (rl.ddpo.step_weights)
     kl_coef: float = 0.0
     anchor_decay: float = 0.0  # per-step pull toward anchor_controlnet (rl.anchor); 0 = off
@@ -122,7 +126,7 @@ class TrainConfig:
                 raise QRRLError(msg)
 
         need(bool(self.trajectories), "give at least one --trajectories folder")
-        check_training_options(self.mode, self.step_weighting, self.anchor_decay)
+        check_training_options(self.mode, self.step_weighting, self.anchor_decay, self.steps_from)
         need(self.lora_rank >= 1, f"--lora-rank must be >= 1, got {self.lora_rank}")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
@@ -214,7 +218,8 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
             other_cn += 1
         # per-step strength; a [B,K] shard (one schedule per sample) counts a step if any sample used it
         step_strength = traj.strength if traj.strength.ndim == 1 else traj.strength.amax(0)
-        active = [k for k in range(traj.num_steps) if traj.std[k] > 0 and step_strength[k] > 0]
+        first = math.ceil(config.steps_from * traj.num_steps - 1e-9)
+        active = [k for k in range(first, traj.num_steps) if traj.std[k] > 0 and step_strength[k] > 0]
         bucket = (tuple(traj.cond.shape[1:]), tuple(traj.uncond.shape[1:]))
         peak = float(traj.strength.max())
         for s in traj.samples():

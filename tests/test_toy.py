@@ -122,7 +122,7 @@ def test_shipped_model_strength_ordering(shipped):
     assert low["module_accuracy"] < high["module_accuracy"]
 
 
-def test_pretrain_command_writes_a_loadable_model(tmp_path):
+def test_pretrain_command_writes_a_loadable_model(tmp_path, capsys):
     from rl.cli import main
     from rl.toy import ToyModel, sample
 
@@ -137,6 +137,20 @@ def test_pretrain_command_writes_a_loadable_model(tmp_path):
     assert got.images.shape == (1, 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
     assert got.record.x.shape == (1, 4, world.LATENT_CHANNELS, world.LATENT_SIZE, world.LATENT_SIZE)
     assert torch.isfinite(got.images).all()
+
+    # `qr-rl toy calibrate` measures the dial and rewrites only toy.json
+    weights = (out / "unet.safetensors").read_bytes()
+    assert main(["toy", "calibrate", "--model", str(out), "--samples", "2"]) == 0
+    info = json.loads((out / "toy.json").read_text())
+    assert [row["strength"] for row in info["calibration"]] == [0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2]
+    assert all(row["n"] == 2 for row in info["calibration"])
+    assert info["checksum"]["strength"] == info["strengths"]["demo"]
+    assert 0 < info["strengths"]["demo"] <= info["strengths"]["high"]
+    assert (out / "unet.safetensors").read_bytes() == weights
+    assert main(["toy", "calibrate", "--model", str(out), "--samples", "0"]) == 2
+    assert main(["toy", "calibrate", "--model", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "at least 1 sample" in err and "qr-rl toy pretrain" in err
 
 
 def test_pretrain_rejects_bad_arguments(tmp_path, capsys):

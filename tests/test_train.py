@@ -269,6 +269,16 @@ def test_cli_train(models, shards, tmp_path):
     assert np.isfinite(json.loads((tmp_path / "cli.run" / "metrics.jsonl").read_text().splitlines()[1])["loss"])
 
 
+def test_steps_from_trains_only_the_late_steps(models, shards, tmp_path):
+    """--steps-from 0.5 on 6-step trajectories keeps steps 3-4 (step 5, to sigma 0, is deterministic)."""
+    folder, _ = shards
+    res = train(models.config([folder], tmp_path / "late.safetensors", epochs=1, lr=1e-12, steps_from=0.5),
+                log=lambda m: None)
+    assert res.data["units"] == 8 * 2 and res.metrics[0]["units"] == 8 * 1  # timestep_fraction 0.5 of 2
+    with pytest.raises(QRRLError, match="steps-from"):
+        train(models.config([folder], tmp_path / "x.safetensors", steps_from=1.0))
+
+
 def test_zero_convs_mode_changes_only_the_output_projections(models, shards, tmp_path):
     from safetensors.torch import load_file
 

@@ -51,7 +51,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="natural-gradient step of the strength curve (default 2)")
     p.add_argument("--art-floor", type=float, default=None,
                    help="art similarity below this fraction of the pretrained ControlNet's is penalised (default 0.95; 0 = off)")
-    p.add_argument("--art-floor-weight", type=float, default=None, help="slope of that penalty (default 10)")
+    p.add_argument("--art-price-lr", type=float, default=None,
+                   help="the floor holds the mean art of each round, priced by a Lagrange multiplier that moves by "
+                        "this much per unit shortfall (default 400; 0 = a per-sample hinge instead)")
+    p.add_argument("--art-floor-weight", type=float, default=None,
+                   help="--art-price-lr 0: slope of the per-sample hinge (default 10)")
+    p.add_argument("--steps-from", type=float, default=None,
+                   help="--train-controlnet: train only the steps from this fraction of the trajectory on "
+                        "(default 0: all; 0.7 = the last three of ten)")
     p.add_argument("--mode", choices=("zero_convs", "lora", "full"), default=None,
                    help="what the trainer updates (default zero_convs: the ControlNet's output projections)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
@@ -65,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
              "eval_samples", "clip_weight", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",
-             "learn_schedule", "train_controlnet", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight")
+             "learn_schedule", "train_controlnet", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_price_lr", "steps_from")
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     kw["progress"] = not args.no_progress
     cfg = DemoConfig.quick(args.out, **kw) if args.quick else DemoConfig(out=args.out, **kw)

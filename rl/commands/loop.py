@@ -51,6 +51,7 @@ OPTIONS: list[tuple[str, str, str, str]] = [
     ("grad_accum", "--grad-accum", "int", "gradient accumulation steps (default 1)"),
     ("clip_range", "--clip-range", "float", "PPO clip range (default 0.02)"),
     ("timestep_fraction", "--timestep-fraction", "float", "fraction of steps trained per sample (default 0.5)"),
+    ("steps_from", "--steps-from", "float", "train only steps from this fraction of the trajectory on (default 0: all)"),
     ("step_weighting", "--step-weighting", "str", "per-step loss weights: std (default) or none"),
     ("kl_coef", "--kl-coef", "float", "KL penalty to the round's starting policy (default 0)"),
     ("anchor_decay", "--anchor-decay", "float",

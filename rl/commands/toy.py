@@ -1,4 +1,4 @@
-"""``qr-rl toy pretrain``: train the embedded toy QR-art model (text encoder, UNet, ControlNet, CLIP).
+"""``qr-rl toy pretrain`` / ``calibrate``: train the embedded toy QR-art model, re-measure its strength dial.
 
 Why a command: the shipped weights in ``rl/assets/toy`` are made by exactly this command, so
 anyone can reproduce (or retune) them on a CPU in under half an hour.
@@ -12,7 +12,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "toy",
-        help="the embedded toy QR-art model (pretrain)",
+        help="the embedded toy QR-art model (pretrain, calibrate)",
         description="Tools for the embedded toy model that `qr-rl demo` fine-tunes.",
     )
     sub = p.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
@@ -38,6 +38,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=run_pretrain)
+    cal = sub.add_parser(
+        "calibrate",
+        help="re-measure a toy model's strength dial and reset its demo/high strengths",
+        description=(
+            "Sample the ControlNet at strengths 0 ... 1.2 on N fixed items, record decode rate, module accuracy "
+            "and art similarity in toy.json, and set the demo strength (the highest whose decode rate is <= 30%%) "
+            "and the high strength (the lowest with >= 90%%). Only toy.json is rewritten; the weights are untouched."
+        ),
+    )
+    cal.add_argument("--model", required=True, help="toy model folder (e.g. one written by `qr-rl toy pretrain`)")
+    cal.add_argument("--samples", type=int, default=128, help="samples per strength (default 128)")
+    cal.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    cal.set_defaults(func=run_calibrate)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -56,4 +69,20 @@ def run_pretrain(args: argparse.Namespace) -> int:
         if name in kw and kw[name] < 1:
             raise QRRLError(f"--{name.replace('_', '-')} must be >= 1, got {kw[name]}")
     pretrain(PretrainConfig(out=args.out, seed=args.seed, **kw), progress=not args.no_progress)
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..atomic import atomic_write_json
+    from ..toy import CONFIG_FILE, ToyModel, recalibrate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = ToyModel.load(args.model)  # validates the folder before the long measurement
+    strengths = recalibrate(model, args.samples, lambda m: print(f"qr-rl toy: {m}", flush=True))
+    atomic_write_json(model.folder / CONFIG_FILE, model.info)
+    print(f"qr-rl toy: wrote {model.folder / CONFIG_FILE}: demo strength {strengths['demo']}, "
+          f"high strength {strengths['high']}")
     return 0

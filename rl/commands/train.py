@@ -34,6 +34,9 @@ def register(subparsers) -> None:
                    help="PPO clip range ε on the per-element ratio (default 0.02; watch clip_fraction in the log)")
     p.add_argument("--timestep-fraction", type=float, default=0.5,
                    help="fraction of each trajectory's trainable steps used per epoch (default 0.5)")
+    p.add_argument("--steps-from", type=float, default=0.0,
+                   help="train only the steps from this fraction of the trajectory on, e.g. 0.7 = the last 30%% "
+                        "(default 0: all); where the ControlNet's late steps decide whether the code scans")
     p.add_argument("--step-weighting", choices=("std", "none"), default="std",
                    help="std (default): weight each step's loss by its noise std so the low-noise last steps do "
                         "not drown the others; none: the plain sum over steps")
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         unet_config=args.unet_config, controlnet_config=args.controlnet_config,
         mode=args.mode or ("full" if args.full else "lora"), step_weighting=args.step_weighting, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr,
         weight_decay=args.weight_decay, epochs=args.epochs, clip_range=args.clip_range,
-        timestep_fraction=args.timestep_fraction, kl_coef=args.kl_coef, anchor_decay=args.anchor_decay,
+        timestep_fraction=args.timestep_fraction, steps_from=args.steps_from, kl_coef=args.kl_coef, anchor_decay=args.anchor_decay,
         anchor_controlnet=args.anchor_controlnet, batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, resume=args.resume,

@@ -1,0 +1,66 @@
+"""The art budget: a Lagrange multiplier that holds the mean art similarity at a floor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rl.art_budget import ArtBudget
+from rl.ddpo import compute_advantages
+from rl.reward import Reward, combine_rewards
+from rl.schedule_policy import SchedulePolicy
+
+
+def test_price_rises_below_the_floor_and_falls_back_to_zero():
+    b = ArtBudget(floor=0.8, lr=100.0)
+    assert b.update(0.79) == pytest.approx({"art_price": 1.0, "art_gap": 0.01})
+    b.update(0.78)
+    assert b.price == pytest.approx(3.0)
+    b.update(0.85)  # inside the budget: the price falls, never below 0
+    assert b.price == pytest.approx(0.0)
+    r = ArtBudget(floor=0.8, price=2.0).reward([0.9, 0.7])
+    assert r.total == pytest.approx([0.2, -0.2]) and r.components["art_margin"] == pytest.approx([0.1, -0.1])
+
+
+@pytest.mark.parametrize("kw", [{"floor": float("nan")}, {"floor": 0.8, "lr": -1.0}, {"floor": 0.8, "price": -1.0}])
+def test_bad_settings_are_refused(kw):
+    with pytest.raises(ValueError):
+        ArtBudget(**kw)
+    with pytest.raises(ValueError, match="finite"):
+        ArtBudget(floor=0.8).update(float("nan"))
+
+
+def _constrained_bandit(seed: int, rounds: int = 40) -> tuple[float, float]:
+    """A one-knob world like the toy's: strength buys decoding and costs art, and images differ
+    in art (std 0.05) by more than the budget. Returns (strength, art) of the mean schedule,
+    averaged over the last 10 rounds."""
+    rng = np.random.default_rng(seed)
+    pol = SchedulePolicy(steps=1, sigma=0.2, lr=2.0)
+    budget = ArtBudget(floor=0.855, lr=100.0)  # within 5% of the starting art, 0.9 at strength 0.5
+
+    def art_at(s: np.ndarray) -> np.ndarray:
+        return 0.9 - 0.2 * (s - 0.5)
+
+    tail = []
+    for r in range(rounds):
+        strengths, delta = pol.draw(64, 0.5, rng)
+        s = strengths[:, 0].double().numpy()
+        decode = 1 / (1 + np.exp(-8 * (s - 0.75)))
+        art = art_at(s) + rng.normal(0, 0.05, s.shape)
+        scan = Reward(total=decode, components={"decoded": decode}, details=[{}] * 64)
+        total = combine_rewards([scan, budget.reward(art)], [1.0, 1.0]).total
+        adv = compute_advantages(total, [f"g{i // 8}-{r}" for i in range(64)], min_group_size=8)
+        pol.update(delta, adv.values, adv.mask)
+        budget.update(float(art.mean()))
+        mean_s = float(pol.schedule(0.5)[0])
+        tail = (tail + [(mean_s, float(art_at(np.array(mean_s))))])[-10:]
+    return tuple(np.mean(tail, axis=0))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_policy_spends_the_art_budget_and_stays_inside_it(seed):
+    """Starting inside the budget the price is 0, so strength rises for the decode it buys; once
+    the mean art reaches the floor the price holds it there (within 0.02) instead of sliding on."""
+    strength, art = _constrained_bandit(seed)
+    assert strength > 0.6, strength  # started at 0.5, 12% decode
+    assert 0.855 - 0.02 < art < 0.855 + 0.02, art
