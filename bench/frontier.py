@@ -6,11 +6,13 @@ editing the model's own base art (its no-ControlNet sample, what the art reward 
 against) directly in pixel space:
 
   controlnet   the shipped ControlNet at a range of strengths (what RL starts from);
-  one step     the demo strength at every step but one, which gets more: where in the denoising
+  one step     strength 0.4 (the earlier demo strength) at every step but one, which gets more: where in the denoising
                the strength buys decode (the lever the learned strength curve finds);
   overlay w    ``(1 - w)·art + w·code`` in black and white (what the ControlNet was taught);
   palette w    the same, with the code painted in the art's own lightest / darkest colours
                (how QR art hides a code);
+  curve        hand-made per-step strength curves around the demo strength (what the learned
+               curve can reach);
   minimal d    the smallest edit that puts every pixel on its module's side of the art's
                median luminance by a margin ``d`` (pixels already on the right side are left
                alone; wrong ones are moved toward the painted code just far enough) -- the
@@ -29,6 +31,16 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+
+# hand-made per-step curves (10 steps) around the demo strength 0.5: what a learned curve can reach
+CURVES = (
+    (0.2,) * 6 + (0.4, 0.8, 1.2, 0.5),
+    (0.3,) * 6 + (0.4, 0.8, 1.2, 0.2),
+    (0.3,) * 7 + (0.8, 1.2, 0.5),
+    (0.4,) * 7 + (0.8, 1.2, 0.5),
+    (0.5,) * 7 + (1.2, 1.2, 0.5),
+    (0.0,) * 6 + (0.4, 0.8, 1.2, 0.5),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         curve[k] = high
         row(f"one step: {base}, step {k + 1}/{steps} at {high}",
             sample(model, prompts, codes, seeds, curve, record=False).images, art)
+    for curve in CURVES:
+        row("curve: " + " ".join(f"{s:g}" for s in curve), sample(model, prompts, codes, seeds, list(curve),
+                                                               record=False).images, art)
     for w in (0.2, 0.3, 0.4, 0.5, 0.6):
         row(f"overlay w={w}", (1 - w) * art + w * code, art)
     for w in (0.4, 0.5, 0.6, 0.7):

@@ -33,7 +33,10 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     assert shard.meta["curriculum_round"] == 0 and "reward.decoded" in shard.tensors()
     # the strength curve is learned too: each sample drew its own schedule, recorded per sample
     assert shard.strength.shape == (shard.batch_size, model.steps) and shard.strength.std() > 0
-    assert "reward.art_shortfall" in shard.tensors()
+    # the art budget: each sample's margin over the floor is recorded, and the price moves per round
+    assert "reward.art_margin" in shard.tensors()
+    assert summary["art_floor"] > 0 and summary["art_price"] >= 0
+    assert all("art_price" in row and "art_gap" in row for row in rounds)
     sched = json.loads((out / "schedule.json").read_text())
     assert sched["updates"] == 2 and sched["keyframes"] == summary["schedule"]["keyframes"]
     assert summary["after_mean_strength"] == pytest.approx(sched["mean_strength"], rel=1e-5)
@@ -87,7 +90,16 @@ def test_schedule_only_and_plain_runs(tmp_path):
                  "--no-progress", "--no-learn-schedule", "--art-floor", "0"]) == 0  # --quick trains the ControlNet
     summary = json.loads((plain / "summary.json").read_text())
     assert summary["schedule"] is None and summary["art_floor"] is None and not (plain / "schedule.json").exists()
+    hinge = tmp_path / "hinge"  # --art-price-lr 0: the per-sample hinge instead of the priced mean
+    assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(hinge),
+                 "--no-progress", "--no-train-controlnet", "--art-price-lr", "0"]) == 0
+    summary = json.loads((hinge / "summary.json").read_text())
+    assert summary["art_floor"] > 0 and summary["art_price"] is None
     with pytest.raises(QRRLError, match="nothing to learn"):
         DemoConfig(out=tmp_path, learn_schedule=False).validate()  # the default trains only the curve
     with pytest.raises(QRRLError, match="art-floor"):
         DemoConfig(out=tmp_path, art_floor=1.5).validate()
+    with pytest.raises(QRRLError, match="art-price-lr"):
+        DemoConfig(out=tmp_path, art_price_lr=-1.0).validate()
+    with pytest.raises(QRRLError, match="steps-from"):
+        DemoConfig(out=tmp_path, train_controlnet=True, steps_from=1.0).validate()
