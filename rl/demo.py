@@ -57,7 +57,7 @@ class DemoConfig:
     learn_schedule: bool = True  # learn the per-step strength curve too (rl.schedule_policy, docs/demo.md)
     schedule_sigma: float = 0.2  # log-gain exploration per step
     schedule_lr: float = 2.0  # natural-gradient step of the schedule's mean log-gain
-    art_floor: float = 0.95  # art below this fraction of the pretrained ControlNet's is penalised (0 = off)
+    art_floor: float = 0.95  # the art budget's floor, a fraction of the pretrained ControlNet's art (0 = off)
     art_floor_weight: float = 10.0  # per-sample hinge slope, used when art_price_lr = 0
     art_price_lr: float = 400.0  # > 0: the floor holds the *mean* art, priced by a Lagrange multiplier (rl.art_budget)
     epochs: int = 1
@@ -338,8 +338,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         rounds.append(row)
         bar.update(1)
         bar.set_postfix(strength=f"{strength:.2f}", decode=f"{row['decode_rate']:.0%}", art=f"{row['art_similarity']:.2f}")
+        price = f", art price {row['art_price']:.1f}" if "art_price" in row else ""
         say(f"round {r + 1}/{cfg.rounds}: strength {strength:.2f}, decode {row['decode_rate']:.0%}, module accuracy "
-            f"{row['module_accuracy']:.3f}, art {row['art_similarity']:.3f}, reward {row['reward']:.3f} "
+            f"{row['module_accuracy']:.3f}, art {row['art_similarity']:.3f}, reward {row['reward']:.3f}{price} "
             f"(collect {row['collect_s']} s, train {row['train_s']} s)")
     bar.close()
     final_cn = out / "controlnet.safetensors"

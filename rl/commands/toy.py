@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="shortcut: set all three step counts to this value (for smoke tests)")
     pre.add_argument("--batch-size", type=int, default=None, help="training batch size (default 16)")
     pre.add_argument("--calibrate-samples", type=int, default=None,
-                     help="samples per strength for calibrating the demo/high strengths (default 32; 0 = skip)")
+                     help="samples per strength for calibrating the demo/high strengths (default 128; 0 = skip)")
     pre.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=run_pretrain)
