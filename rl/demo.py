@@ -379,7 +379,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     }
     atomic_write_text(out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rounds))
     atomic_write_text(out / "table.md", before_after_table(summary))
-    plot_curves(rounds, before, after, out / "curves.png")
+    plot_curves(rounds, before, after, out / "curves.png", summary["art_floor"])
     sample_grid(base_images, before["images"], after["images"], out / "samples.png")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(screen_summary(summary), flush=True)
@@ -433,8 +433,10 @@ def screen_summary(summary: dict[str, Any]) -> str:
     ])
 
 
-def plot_curves(rounds: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any], path: Path) -> None:
-    """Per-round decode rate / module accuracy / art similarity / strength of the collected samples."""
+def plot_curves(rounds: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any], path: Path,
+                art_floor: float | None = None) -> None:
+    """Per-round decode rate / module accuracy / art similarity / strength of the collected samples,
+    with the art budget's floor on the art panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -461,6 +463,9 @@ def plot_curves(rounds: list[dict[str, Any]], before: dict[str, Any], after: dic
         if key in before and key != "strength":
             ax.axhline(before[key], color="gray", ls="--", lw=1, label="before (eval)")
             ax.axhline(after[key], color="green", ls="--", lw=1, label="after (eval)")
+        if key == "art_similarity" and art_floor is not None:
+            ax.axhline(art_floor, color="red", ls=":", lw=1, label="art floor")
+            ax.legend(fontsize=7)
         ax.set_title(title)
         ax.set_xlabel("round")
     axes[0].legend(fontsize=7)
