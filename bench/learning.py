@@ -18,7 +18,8 @@ same fixed evaluation set (``rl.toy.eval_prompts_codes``):
                    the time of (b)).
 
 The RL arms run the demo's defaults: the learned per-step strength curve
-(rl.schedule_policy) with the art-floor reward. The "mean strength" column is the ControlNet
+(rl.schedule_policy) with the art budget (rl.art_budget: a Lagrange-priced floor on each
+round's mean art similarity). The "mean strength" column is the ControlNet
 strength averaged over the sampling steps at evaluation.
 
 Prints decode rate, module accuracy and art similarity as mean ± std over seeds, and writes

@@ -3,10 +3,12 @@
 Why this exists: it is the README's first command. A newcomer with no GPU and no network sees
 the whole loop of the real system run end to end -- and see it work -- in minutes:
 
-  pretrained toy ControlNet ─► [round r: strength s_r from the curriculum (high → demo)]
-      encode QR codes (rl.qr) ─► sample with recording (rl.sampling.sample_loop + Policy.denoise)
-      ─► scan reward (rl.scan) + art reward (tiny CLIP via rl.clip_score) ─► shards (rl.trajectory)
-      ─► offline DDPO on the shards (rl.train.train: PPO-clip, exported ControlNet) ─► next round
+  pretrained toy ControlNet ─► [round r: base strength s_r (the demo strength, or a curriculum
+      high → demo); encode QR codes (rl.qr) ─► each sample draws a per-step strength curve around
+      the learned one (rl.schedule_policy) ─► sample with recording (rl.sampling + Policy.denoise)
+      ─► scan reward (rl.scan) + art reward (tiny CLIP via rl.clip_score) + the art budget's
+      price (rl.art_budget) ─► shards (rl.trajectory) ─► curve update, price update, and with
+      --train-controlnet offline DDPO on the shards (rl.train.train) ─► next round]
   ─► before/after at the demo strength: decode rate, module accuracy, art similarity.
 
 Nothing here re-implements the algorithm: the demo only orchestrates the same modules the
