@@ -21,7 +21,7 @@ against) directly in pixel space:
                which the toy CLIP recognises (its prompt similarity is printed).
 
 Art similarity is ``clip_image`` against the base art and prompt similarity ``clip_text``,
-both through ``ToyModel.art_reward`` as in the demo. Prints a markdown table; ≈ 3 min.
+both through ``ToyModel.art_reward`` as in the demo. Prints a markdown table; ≈ 4 min.
 
     python bench/frontier.py [--n 64] [--threads 2]
 """
