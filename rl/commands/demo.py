@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule-lr", type=float, default=None,
                    help="natural-gradient step of the strength curve (default 2)")
     p.add_argument("--art-floor", type=float, default=None,
-                   help="art similarity below this fraction of the pretrained ControlNet's is penalised (default 0.95; 0 = off)")
+                   help="the art floor, as a fraction of the pretrained ControlNet's art similarity at the demo strength "
+                        "(default 0.95; 0 = off)")
     p.add_argument("--art-price-lr", type=float, default=None,
                    help="the floor holds the mean art of each round, priced by a Lagrange multiplier that moves by "
                         "this much per unit shortfall (default 400; 0 = a per-sample hinge instead)")
