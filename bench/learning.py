@@ -1,6 +1,6 @@
 """The miniature of the paper's table: does RL + curriculum make the toy model's QR art scan?
 
-Four arms, each with ``--seeds`` seeds, evaluated at the toy model's demo strength on the
+Arms, each with ``--seeds`` seeds, evaluated at the toy model's demo strength on the
 same fixed evaluation set (``rl.toy.eval_prompts_codes``):
 
   (a) pretrained   the shipped ControlNet, no training;
@@ -13,13 +13,16 @@ same fixed evaluation set (``rl.toy.eval_prompts_codes``):
   (e) the dial     the pretrained ControlNet at the demo strength + 0.1 and + 0.2: what RL
                    has to beat. Raising the strength also buys decode with art, so RL earns
                    its keep only where it ends *above* this curve (more decode at the same art);
-  (f) + DDPO       as (b), also fine-tuning the ControlNet's zero convolutions with DDPO on
+  (f) + DDPO       as (h), also fine-tuning the ControlNet's zero convolutions with DDPO on
                    each round's shards (``--train-controlnet``; not in the default arms: ≈ 2.5×
-                   the time of (b)).
+                   the time of (b));
+  (g) feedback     the pretrained ControlNet at the demo strength with module feedback at its
+                   starting gains (rl.module_feedback), nothing learned: what RL starts from;
+  (h) curve only   as (b) without module feedback (the demo before module feedback).
 
 The RL arms run the demo's defaults: the learned per-step strength curve
-(rl.schedule_policy) with the art budget (rl.art_budget: a Lagrange-priced floor on each
-round's mean art similarity). The "mean strength" column is the ControlNet
+(rl.schedule_policy) and module-feedback gains, with the art budget (rl.art_budget: a
+Lagrange-priced floor on each round's mean art similarity). The "mean strength" column is the ControlNet
 strength averaged over the sampling steps at evaluation.
 
 Prints decode rate, module accuracy and art similarity as mean ± std over seeds, and writes
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=None, help="seeds per group (default: the demo's)")
     ap.add_argument("--eval-samples", type=int, default=None, help="evaluation items (default: the demo's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--arms", default="a,b,c,d,e", help="which arms to run (comma-separated letters)")
+    ap.add_argument("--arms", default="a,b,c,d,e,g", help="which arms to run (comma-separated letters: a-h)")
     args = ap.parse_args(argv)
 
     import torch
@@ -109,14 +112,20 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         if "a" in arms:
             runs.append(("(a) pretrained", lambda es=eval_seeds: measure(model, model.demo_strength, es, scorer=scorer)))
-        for key, name, curriculum, train_cn in (("b", "(b) RL, no curriculum", "none", False),
-                                                ("c", "(c) RL + curriculum", "linear", False),
-                                                ("f", "(f) RL + ControlNet DDPO", "none", True)):
+        if "g" in arms:
+            runs.append(("(g) module feedback, not learned", lambda es=eval_seeds: measure(
+                model, model.demo_strength, es, scorer=scorer, feedback=DemoConfig(out=".").feedback())))
+        for key, name, curriculum, train_cn, feedback in (
+                ("b", "(b) RL, no curriculum", "none", False, True),
+                ("c", "(c) RL + curriculum", "linear", False, True),
+                ("h", "(h) RL, curve only (no module feedback)", "none", False, False),
+                ("f", "(f) RL, curve + ControlNet DDPO", "none", True, False)):
             if key in arms:
-                def rl_run(curriculum=curriculum, key=key, seed=seed, train_cn=train_cn):
+                def rl_run(curriculum=curriculum, key=key, seed=seed, train_cn=train_cn, feedback=feedback):
                     cfg = DemoConfig(out=out / f"{key}-seed{seed}", rounds=args.rounds, groups=args.groups,
                                      group_size=args.group_size, eval_samples=args.eval_samples, seed=seed,
-                                     curriculum=curriculum, train_controlnet=train_cn, progress=False, keep_shards=False)
+                                     curriculum=curriculum, train_controlnet=train_cn, module_feedback=feedback,
+                                     progress=False, keep_shards=False)
                     summary = run_demo(cfg, log=lambda m: None).summary
                     return summary["after"] | {"strength": summary["after_mean_strength"]}
                 runs.append((name, rl_run))

@@ -59,6 +59,11 @@ class DemoConfig:
     learn_schedule: bool = True  # learn the per-step strength curve too (rl.schedule_policy, docs/demo.md)
     schedule_sigma: float = 0.2  # log-gain exploration per step
     schedule_lr: float = 2.0  # natural-gradient step of the schedule's mean log-gain
+    module_feedback: bool = True  # spatial strength from each step's prediction (rl.module_feedback)
+    feedback_low: float = 0.8  # starting gain on modules already right (learned with the curve)
+    feedback_high: float = 2.0  # starting gain on modules still wrong (learned with the curve)
+    feedback_margin: float = 0.05
+    feedback_softness: float = 0.03
     art_floor: float = 0.95  # the art budget's floor, a fraction of the pretrained ControlNet's art (0 = off)
     art_floor_weight: float = 10.0  # per-sample hinge slope, used when art_price_lr = 0
     art_price_lr: float = 400.0  # > 0: the floor holds the *mean* art, priced by a Lagrange multiplier (rl.art_budget)
@@ -77,9 +82,9 @@ class DemoConfig:
     @classmethod
     def quick(cls, out: str | os.PathLike[str], **kw: Any) -> DemoConfig:
         """The ≤ 2-minute settings the tests use (2 rounds × 8 samples, 8 eval samples; the linear
-        curriculum and the ControlNet trainer, so those paths run too)."""
+        curriculum, so that path runs too)."""
         base = {"rounds": 2, "hold_rounds": 1, "groups": 2, "group_size": 4, "eval_samples": 8, "epochs": 1,
-                "curriculum": "linear", "train_controlnet": True}
+                "curriculum": "linear"}
         base.update(kw)
         return cls(out=out, **base)
 
@@ -100,11 +105,24 @@ class DemoConfig:
         need(self.art_floor_weight >= 0, f"--art-floor-weight must be >= 0, got {self.art_floor_weight}")
         need(self.train_controlnet or self.learn_schedule,
              "nothing to learn: --no-learn-schedule needs --train-controlnet")
+        need(not (self.train_controlnet and self.module_feedback),
+             "--train-controlnet needs --no-module-feedback: shards do not record the feedback's spatial "
+             "strength map, so the trainer could not replay the sampled log-probabilities")
+        from .module_feedback import check_feedback
         from .schedule_policy import check_schedule_options
         from .train import check_training_options
 
         check_training_options(self.mode, self.step_weighting, self.anchor_decay, self.steps_from)
         check_schedule_options(self.schedule_sigma, self.schedule_lr)
+        check_feedback(self.feedback_low, self.feedback_high, self.feedback_margin, self.feedback_softness)
+
+    def feedback(self):
+        """The :class:`rl.module_feedback.ModuleFeedback` at the starting gains, or None when off."""
+        from .module_feedback import ModuleFeedback
+
+        if not self.module_feedback:
+            return None
+        return ModuleFeedback(self.feedback_low, self.feedback_high, self.feedback_margin, self.feedback_softness)
 
 
 @dataclass
@@ -161,13 +179,16 @@ def reference_art(model, strength: float, cfg: DemoConfig, scorer) -> float:
 
 def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: int, cfg: DemoConfig,
                   round_dir: Path, scorer, base_sha: str, schedule=None, art_floor: float | None = None,
-                  budget=None) -> tuple[dict[str, Any], tuple[torch.Tensor, Any] | None]:
+                  budget=None, feedback_gains=None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Sample ``groups × group_size`` trajectories at ``strength``, score them, write one shard
     into ``round_dir/shards``.
 
     Returns the round's row and, with a :class:`rl.schedule_policy.SchedulePolicy`, what its
     update needs: each sample drew its own per-step strengths around the schedule (recorded
-    ``[B,K]``), so the pair is (the drawn log-gain offsets, the group advantages).
+    ``[B,K]``), so ``{"delta": the drawn log-gain offsets, "advantages": the group advantages}``.
+    With module feedback (``cfg.module_feedback``) each sample also draws its (low, high) gains
+    around ``feedback_gains`` (a two-value ``SchedulePolicy``; None = the config's fixed gains);
+    their offsets are ``"feedback_delta"``.
     With ``art_floor``, art similarity below it is penalised (:func:`rl.reward.floor_penalty`);
     with ``budget`` (:class:`rl.art_budget.ArtBudget`), art is rewarded at the budget's price.
     """
@@ -183,7 +204,12 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
     strengths: Any = strength
     if schedule is not None:
         strengths, delta = schedule.draw(len(prompts), strength, np.random.default_rng([cfg.seed, 2000 + r]))
-    out = sample(model, prompts, codes, seeds, strengths, controlnet=controlnet)
+    feedback, gains, fb_delta = cfg.feedback(), None, None
+    if feedback is not None and feedback_gains is not None:
+        gains, fb_delta = feedback_gains.draw(len(prompts), list(feedback.gains()),
+                                              np.random.default_rng([cfg.seed, 3000 + r]))
+    out = sample(model, prompts, codes, seeds, strengths, controlnet=controlnet, feedback=feedback,
+                 feedback_gains=gains)
     base = sample(model, prompts, None, seeds, 0.0, record=False).images
     scan = scan_reward(images_hwc_uint8(out.images), codes)
     art = model.art_reward(out.images, prompts, base, scorer)
@@ -204,6 +230,10 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
             "curve": "constant", "strength_start": strength, "strength_end": strength,
             "start_percent": 0.0, "end_percent": 1.0, "keyframes": [], "step_at": 0.5},
         "schedule_exploration": None if schedule is None else schedule.to_dict(strength),
+        # the trainer refuses these shards: the spatial strength map is not recorded
+        "module_feedback": None if feedback is None else {
+            "margin": feedback.margin, "softness": feedback.softness,
+            "gains": (torch.tensor([feedback.gains()] * len(prompts)) if gains is None else gains).tolist()},
         "base_sha256": base_sha, "controlnet_sha256": file_sha256(controlnet_path),
         "curriculum_round": r, "policy_version": r,
     }
@@ -217,7 +247,8 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
         from .ddpo import compute_advantages, group_key
 
         keys = [group_key(p, q, float(strength)) for p, q in zip(prompts, payloads)]
-        exploration = (delta, compute_advantages(reward.total, keys, min_group_size=cfg.group_size))
+        exploration = {"delta": delta, "feedback_delta": fb_delta,
+                       "advantages": compute_advantages(reward.total, keys, min_group_size=cfg.group_size)}
         row["mean_strength"] = float(torch.as_tensor(strengths).mean())
     return row | {
         "round": r, "strength": float(strength), "samples": len(prompts), "shard": str(path),
@@ -248,11 +279,23 @@ def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: 
         "logp_drift_max_abs": float(res.data.get("logp_drift_max_abs", math.nan))}
 
 
-def _evaluate(model, controlnet, strength, cfg: DemoConfig, scorer, base_images) -> dict[str, Any]:
+def _evaluate(model, controlnet, strength, cfg: DemoConfig, scorer, base_images, feedback=None) -> dict[str, Any]:
     from .toy import measure
 
     seeds = list(range(50_000 + 1000 * cfg.seed, 50_000 + 1000 * cfg.seed + cfg.eval_samples))
-    return measure(model, strength, seeds, controlnet=controlnet, scorer=scorer, base_images=base_images)
+    return measure(model, strength, seeds, controlnet=controlnet, scorer=scorer, base_images=base_images,
+                   feedback=feedback)
+
+
+def learned_feedback(cfg: DemoConfig, feedback_gains=None):
+    """The module feedback to evaluate with: the config's, at the learned mean (low, high) if learned."""
+    fb = cfg.feedback()
+    if fb is None or feedback_gains is None:
+        return fb
+    from dataclasses import replace
+
+    low, high = (float(v) for v in feedback_gains.schedule(list(fb.gains())))
+    return replace(fb, low=low, high=high)
 
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoResult:
@@ -300,11 +343,13 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
             from .art_budget import ArtBudget
 
             budget, art_floor = ArtBudget(floor=art_floor, lr=cfg.art_price_lr), None
-    schedule = None
+    schedule, feedback_gains = None, None
     if cfg.learn_schedule:
         from .schedule_policy import SchedulePolicy
 
         schedule = SchedulePolicy(model.steps, sigma=cfg.schedule_sigma, lr=cfg.schedule_lr)
+        if cfg.module_feedback:  # (low, high) learned the same way as the curve
+            feedback_gains = SchedulePolicy(2, sigma=cfg.schedule_sigma, lr=cfg.schedule_lr, max_strength=10.0)
 
     # ---- rounds
     cn_path = model.controlnet_path
@@ -320,7 +365,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         round_dir = out / "rounds" / f"r{r:03d}"
         t0 = time.perf_counter()
         row, exploration = collect_round(model, controlnet, cn_path, strength, r, cfg, round_dir, scorer, base_sha,
-                                         schedule=schedule, art_floor=art_floor, budget=budget)
+                                         schedule=schedule, art_floor=art_floor, budget=budget,
+                                         feedback_gains=feedback_gains)
         row["collect_s"] = round(time.perf_counter() - t0, 1)
         history.append(row["decode_rate"])
         round_shards = Path(row["shard"]).parent
@@ -332,9 +378,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
             cn_path = new_path
             controlnet = load_controlnet(cn_path, model.controlnet_config_path).requires_grad_(False)
         if schedule is not None and exploration is not None:
-            delta, adv = exploration
-            row.update(schedule.update(delta, adv.values, adv.mask))
+            adv = exploration["advantages"]
+            row.update(schedule.update(exploration["delta"], adv.values, adv.mask))
             row["schedule_gains"] = [round(float(g), 4) for g in schedule.gains()]
+            if feedback_gains is not None:
+                feedback_gains.update(exploration["feedback_delta"], adv.values, adv.mask)
+                row["feedback_gains"] = [round(float(g), 4) for g in learned_feedback(cfg, feedback_gains).gains()]
         if budget is not None:
             row.update(budget.update(row["art_similarity"]))
         row["train_s"] = round(time.perf_counter() - t0, 1)
@@ -354,13 +403,15 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
 
     # ---- after: the trained ControlNet, with the learned strength curve when there is one
     after_strength: Any = low if schedule is None else schedule.schedule(low).tolist()
-    after = _evaluate(model, controlnet, after_strength, cfg, scorer, base_images)
+    after_feedback = learned_feedback(cfg, feedback_gains)
+    after = _evaluate(model, controlnet, after_strength, cfg, scorer, base_images, after_feedback)
     positions = None
     if schedule is not None:  # the node measures progress as 1 − timestep/999 (ComfyUI's percent)
         from .toy import sampling_schedule
 
         positions = [1.0 - float(t) / 999.0 for t in sampling_schedule(model.steps)[1]]
-        schedule.save(out / "schedule.json", base=low, positions=positions)
+        schedule.save(out / "schedule.json", base=low, positions=positions,
+                      extra={"module_feedback": asdict(after_feedback)} if after_feedback is not None else None)
     wall = time.perf_counter() - t_start
     keys = ("decode_rate", "module_accuracy", "art_similarity", "text_similarity")
     summary: dict[str, Any] = {
@@ -371,6 +422,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         "art_floor": budget.floor if budget is not None else art_floor,
         "art_price": budget.price if budget is not None else None, "trained_controlnet": cfg.train_controlnet,
         "schedule": None if schedule is None else schedule.to_dict(low, positions),
+        "module_feedback": None if after_feedback is None else asdict(after_feedback),
         "after_mean_strength": float(np.mean(after_strength)),
         "art_similarity_change": (after["art_similarity"] - before["art_similarity"]) / max(1e-9, before["art_similarity"]),
         "wall_time_s": round(wall, 1), "cpu_time_s": round(time.process_time() - cpu_start, 1),

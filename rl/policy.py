@@ -212,11 +212,13 @@ class Policy(torch.nn.Module):
         return self.denoise(*args, **kwargs)
 
     def controlnet_residuals(self, x_in, t, context, hint, scale) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """ControlNet residuals on already c_in-scaled input, each multiplied by ``scale`` [B]."""
+        """ControlNet residuals on already c_in-scaled input, each multiplied by ``scale``: one value
+        per sample [B], or a spatial map [B,1,h,w] (:mod:`rl.module_feedback`) area-resized to each."""
+        from .module_feedback import scale_residual
+
         down, mid = self.controlnet(x_in, t, encoder_hidden_states=context, controlnet_cond=hint,
                                     conditioning_scale=1.0, return_dict=False)
-        s = scale.view(-1, 1, 1, 1)
-        return [d * s.to(d.dtype) for d in down], mid * s.to(mid.dtype)
+        return [scale_residual(d, scale) for d in down], scale_residual(mid, scale)
 
     def denoise(
         self,
@@ -229,13 +231,16 @@ class Policy(torch.nn.Module):
         strength: torch.Tensor | float,
         cfg: torch.Tensor | float,
         strength_uncond: torch.Tensor | float | None = None,
+        strength_map: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``D`` [B,C,H,W] float32 for latents ``x`` at per-sample ``sigma``/``timestep``.
 
         ``hint`` [B,3,8H,8W] float in [0,1] (or uint8, divided by 255). ``strength`` scales
         the ControlNet on the cond branch, ``strength_uncond`` (default: the same) on the
         uncond branch (0 = ComfyUI's "apply to negative" off). All per-sample values accept a
-        scalar or a [B] tensor. When every cfg is 1 the uncond branch is skipped, as ComfyUI does.
+        scalar or a [B] tensor. ``strength_map`` [B,1,h,w] multiplies both branches' strength
+        per position (module feedback). When every cfg is 1 the uncond branch is skipped, as
+        ComfyUI does.
         """
         b = x.shape[0]
         dev = x.device
@@ -244,6 +249,11 @@ class Policy(torch.nn.Module):
         st_c = _as_batch(strength, b, dev)
         st_u = st_c if strength_uncond is None else _as_batch(strength_uncond, b, dev)
         g = _as_batch(cfg, b, dev)
+        if strength_map is not None:
+            m = strength_map.to(dev, torch.float32)
+            if m.ndim != 4 or m.shape[0] != b or m.shape[1] != 1:
+                raise QRRLError(f"strength_map must be [B={b},1,h,w], got {tuple(m.shape)}")
+            st_c, st_u = st_c.view(-1, 1, 1, 1) * m, st_u.view(-1, 1, 1, 1) * m
         if hint.dtype == torch.uint8:
             hint = hint.float() / 255.0
         x32 = x.float()

@@ -117,8 +117,10 @@ class SchedulePolicy:
         return out
 
     def save(self, path: str | os.PathLike[str], base: float | None = None,
-             positions: Sequence[float] | None = None) -> Path:
-        return atomic_write_text(Path(path), json.dumps(self.to_dict(base, positions), indent=2) + "\n")
+             positions: Sequence[float] | None = None, extra: dict[str, Any] | None = None) -> Path:
+        """Write the schedule as JSON (``extra`` adds keys, e.g. the learned module feedback)."""
+        data = self.to_dict(base, positions) | (extra or {})
+        return atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SchedulePolicy:

@@ -374,6 +374,8 @@ def sample(
     cfg: float | None = None,
     record: bool = True,
     batch_size: int = 16,
+    feedback: Any = None,
+    feedback_gains: torch.Tensor | None = None,
 ) -> SampleBatch:
     """Sample the toy model with the real sampler (``rl.sampling.sample_loop``, ``Policy.denoise``).
 
@@ -381,6 +383,9 @@ def sample(
     ``strength`` is one value for every step, one per step ``[K]`` (a schedule, as the ComfyUI
     node's curve gives) or one schedule per sample ``[B,K]`` (how :mod:`rl.schedule_policy`
     explores); it is recorded as given. Each sample's noise depends only on its seed.
+    ``feedback`` (:class:`rl.module_feedback.ModuleFeedback`) turns on module feedback: from
+    the second step on, the strength is multiplied per module by a map built from the previous
+    step's prediction; ``feedback_gains`` ``[B,2]`` gives each sample its own (low, high).
     """
     from .sampling import initial_noise, sample_loop
 
@@ -405,6 +410,15 @@ def sample(
         raise QRRLError(f"strength must be a number, one value per step ({steps}) or one schedule per sample "
                         f"({n}×{steps}); got shape {tuple(table.shape)}")
     per_sample = table.ndim == 2
+    light = gains = None
+    if feedback is not None and codes is not None:
+        from .module_feedback import light_grids
+
+        light = light_grids(codes)
+        gains = torch.tensor([feedback.gains()] * n) if feedback_gains is None else torch.as_tensor(
+            feedback_gains, dtype=torch.float32)
+        if gains.shape != (n, 2):
+            raise QRRLError(f"feedback_gains must be [{n}, 2] (low, high per sample), got {tuple(gains.shape)}")
     shape = (world.LATENT_CHANNELS, world.LATENT_SIZE, world.LATENT_SIZE)
     xs, recs = [], []
     for i in range(0, n, batch_size):
@@ -414,9 +428,18 @@ def sample(
         c, u, h = cond[sl], uncond[sl], hints[sl]
 
         st = table[sl] if per_sample else table[None].expand(len(sd), steps)
+        last: dict[int, torch.Tensor] = {}
 
-        def denoise(x: torch.Tensor, sigma: float, k: int, c=c, u=u, h=h, st=st) -> torch.Tensor:
-            return policy.denoise(x, sigma, timesteps[k], c, u, h, st[:, k], cfg)
+        def denoise(x: torch.Tensor, sigma: float, k: int, c=c, u=u, h=h, st=st, sl=sl, last=last) -> torch.Tensor:
+            smap = None
+            if light is not None and k > 0:
+                from .module_feedback import strength_map
+
+                smap = strength_map(latents_to_images(last[k - 1]), light[sl], gains[sl, 0], gains[sl, 1],
+                                    feedback.margin, feedback.softness, world.LATENT_SIZE)
+            d = policy.denoise(x, sigma, timesteps[k], c, u, h, st[:, k], cfg, strength_map=smap)
+            last[k] = d
+            return d
 
         x, rec = sample_loop(denoise, x0, sigmas, eta, 1.0, sd, record=record,
                              strengths=None if per_sample else table.tolist())
@@ -621,13 +644,14 @@ def eval_prompts_codes(n: int, offset: int = 0) -> tuple[list[str], list[Any], l
 
 
 def measure(model: ToyModel, strength: float | Sequence[float], seeds: Sequence[int], *, controlnet=None, scorer=None,
-            base_images: torch.Tensor | None = None, offset: int = 0) -> dict[str, Any]:
-    """Decode rate, module accuracy, art similarity (clip_image vs the no-ControlNet sample) at ``strength``."""
+            base_images: torch.Tensor | None = None, offset: int = 0, feedback=None) -> dict[str, Any]:
+    """Decode rate, module accuracy, art similarity (clip_image vs the no-ControlNet sample) at ``strength``
+    (with ``feedback``, a :class:`rl.module_feedback.ModuleFeedback`, on top)."""
     from .scan import scan_reward
 
     n = len(seeds)
     prompts, codes, _ = eval_prompts_codes(n, offset)
-    out = sample(model, prompts, codes, seeds, strength, controlnet=controlnet, record=False)
+    out = sample(model, prompts, codes, seeds, strength, controlnet=controlnet, record=False, feedback=feedback)
     scan = scan_reward(images_hwc_uint8(out.images), codes)
     scorer = scorer or model.clip_scorer()
     if base_images is None:

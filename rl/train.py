@@ -205,6 +205,10 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
     for traj in ds:
         meta = traj.meta
         check_model_patches(meta.get("model_patches") or [], traj.path)
+        if meta.get("module_feedback"):
+            raise QRRLError(f"{traj.path} was sampled with module feedback, whose spatial strength map the shard "
+                            "does not record, so its log-probabilities cannot be replayed; collect without "
+                            "module feedback to train the ControlNet on it")
         shard_base = meta.get("base_sha256")
         if shard_base is None:
             unknown_base += 1

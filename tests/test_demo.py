@@ -28,7 +28,6 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     assert summary["wall_time_s"] > 0
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert len(rounds) == summary["rounds"] == 2
-    assert rounds[0]["logp_drift_max_abs"] < 1e-3  # the trainer recomputes exactly what was sampled
     shard = read_shard(rounds[0]["shard"])
     assert shard.meta["curriculum_round"] == 0 and "reward.decoded" in shard.tensors()
     # the strength curve is learned too: each sample drew its own schedule, recorded per sample
@@ -41,6 +40,21 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     assert sched["updates"] == 2 and sched["keyframes"] == summary["schedule"]["keyframes"]
     assert summary["after_mean_strength"] == pytest.approx(sched["mean_strength"], rel=1e-5)
     assert rounds[-1]["schedule_gains"] != [1.0] * model.steps
+    # module feedback: each sample drew its own (low, high) gains, the shard says so, the mean is learned
+    gains = shard.meta["module_feedback"]["gains"]
+    assert len(gains) == shard.batch_size and len({tuple(g) for g in gains}) == shard.batch_size
+    fb = summary["module_feedback"]
+    assert sched["module_feedback"] == fb and (fb["low"], fb["high"]) != (0.8, 2.0)
+    assert rounds[-1]["feedback_gains"] == pytest.approx([fb["low"], fb["high"]], abs=1e-4)
+    # ... and the ControlNet trainer refuses those shards: it could not replay the spatial strength
+    from rl.errors import QRRLError
+    from rl.train import TrainConfig, train
+
+    with pytest.raises(QRRLError, match="module feedback"):
+        train(TrainConfig(trajectories=[str(out / "rounds")], checkpoint=model.unet_path,
+                          controlnet=model.controlnet_path, out=tmp_path / "cn.safetensors",
+                          unet_config=model.unet_config_path, controlnet_config=model.controlnet_config_path,
+                          mode="zero_convs", cpu=True, progress=False), log=lambda m: None)
     load_controlnet(out / "controlnet.safetensors", model.controlnet_config_path)  # loadable
     printed = capsys.readouterr().out
     assert "decode rate" in printed and "after RL" in printed
@@ -71,8 +85,8 @@ def test_bad_trainer_options_are_refused_before_any_sampling(tmp_path):
 
 
 def test_schedule_only_and_plain_runs(tmp_path):
-    """--no-train-controlnet learns only the curve (the ControlNet stays the pretrained one);
-    --no-learn-schedule is the constant-strength DDPO of earlier versions."""
+    """--no-module-feedback learns only the curve (the ControlNet stays the pretrained one);
+    --no-learn-schedule --train-controlnet is the constant-strength DDPO of earlier versions."""
     from rl.cli import main
     from rl.demo import DemoConfig
     from rl.errors import QRRLError
@@ -80,15 +94,19 @@ def test_schedule_only_and_plain_runs(tmp_path):
 
     out = tmp_path / "sched"
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(out),
-                 "--no-progress", "--no-train-controlnet"]) == 0
+                 "--no-progress", "--no-module-feedback"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert not summary["trained_controlnet"] and summary["schedule"]["updates"] == 1
+    assert summary["module_feedback"] is None
     model = ToyModel.load()
     assert (out / "controlnet.safetensors").read_bytes() == model.controlnet_path.read_bytes()
     plain = tmp_path / "plain"
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(plain),
-                 "--no-progress", "--no-learn-schedule", "--art-floor", "0"]) == 0  # --quick trains the ControlNet
+                 "--no-progress", "--no-learn-schedule", "--train-controlnet", "--art-floor", "0"]) == 0
     summary = json.loads((plain / "summary.json").read_text())
+    assert summary["trained_controlnet"] and summary["module_feedback"] is None  # --train-controlnet turns it off
+    row = json.loads((plain / "rounds.jsonl").read_text().splitlines()[0])
+    assert row["logp_drift_max_abs"] < 1e-3  # the trainer recomputes exactly what was sampled
     assert summary["schedule"] is None and summary["art_floor"] is None and not (plain / "schedule.json").exists()
     hinge = tmp_path / "hinge"  # --art-price-lr 0: the per-sample hinge instead of the priced mean
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(hinge),
@@ -102,4 +120,8 @@ def test_schedule_only_and_plain_runs(tmp_path):
     with pytest.raises(QRRLError, match="art-price-lr"):
         DemoConfig(out=tmp_path, art_price_lr=-1.0).validate()
     with pytest.raises(QRRLError, match="steps-from"):
-        DemoConfig(out=tmp_path, train_controlnet=True, steps_from=1.0).validate()
+        DemoConfig(out=tmp_path, train_controlnet=True, module_feedback=False, steps_from=1.0).validate()
+    with pytest.raises(QRRLError, match="needs --no-module-feedback"):
+        DemoConfig(out=tmp_path, train_controlnet=True).validate()
+    with pytest.raises(QRRLError, match="gains must be >= 0"):
+        DemoConfig(out=tmp_path, feedback_low=-1.0).validate()

@@ -42,9 +42,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="keep the strength constant per step instead of learning the per-step strength curve")
     p.add_argument("--train-controlnet", dest="train_controlnet", action="store_true", default=None,
                    help="also fine-tune the ControlNet's weights with DDPO on each round's shards (on the toy "
-                   "this costs art: docs/demo.md); --quick always does, to test that path")
+                   "this costs art: docs/demo.md); turns module feedback off, whose maps shards do not record")
     p.add_argument("--no-train-controlnet", dest="train_controlnet", action="store_false",
-                   help="--quick: skip the ControlNet trainer")
+                   help="learn only the strength curve and the module feedback (the default)")
+    p.add_argument("--no-module-feedback", dest="module_feedback", action="store_false", default=None,
+                   help="one strength for the whole image instead of pushing harder on the modules each step's "
+                        "prediction still gets wrong")
+    p.add_argument("--feedback-low", type=float, default=None,
+                   help="module feedback: starting strength gain on modules already right (default 0.8; learned)")
+    p.add_argument("--feedback-high", type=float, default=None,
+                   help="module feedback: starting strength gain on modules still wrong (default 2; learned)")
+    p.add_argument("--feedback-margin", type=float, default=None,
+                   help="module feedback: luma margin (0-0.5) a module needs past the median to count as right "
+                        "(default 0.05)")
     p.add_argument("--schedule-sigma", type=float, default=None,
                    help="exploration of the strength curve: std of each step's log-gain (default 0.2)")
     p.add_argument("--schedule-lr", type=float, default=None,
@@ -73,8 +83,11 @@ def run(args: argparse.Namespace) -> int:
 
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
              "eval_samples", "clip_weight", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",
-             "learn_schedule", "train_controlnet", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_price_lr", "steps_from")
+             "learn_schedule", "train_controlnet", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_price_lr", "steps_from",
+             "module_feedback", "feedback_low", "feedback_high", "feedback_margin")
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if kw.get("train_controlnet") and "module_feedback" not in kw:
+        kw["module_feedback"] = False  # the trainer cannot replay feedback maps (DemoConfig.validate)
     kw["progress"] = not args.no_progress
     cfg = DemoConfig.quick(args.out, **kw) if args.quick else DemoConfig(out=args.out, **kw)
     run_demo(cfg)
