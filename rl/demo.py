@@ -166,8 +166,9 @@ def round_items(cfg: DemoConfig, tag: int, r: int) -> tuple[list[str], list[str]
 
 def reference_art(model, strength: float, cfg: DemoConfig, scorer) -> float:
     """Mean art similarity of the pretrained ControlNet at ``strength`` on a batch drawn like the
-    training rounds: the budget's reference. Why not the evaluation set's: the constraint is
-    checked on training rounds, whose prompts judge art differently (0.861 vs 0.888 at 0.5)."""
+    training rounds: the hinge's floor, and the budget's nominal floor in ``summary.json`` (the
+    budget itself is paired per sample). Why not the evaluation set's: the rounds use other
+    prompts, which judge art differently (0.861 vs 0.888 at 0.5)."""
     from .toy import sample
 
     prompts, payloads, seeds = round_items(cfg, 900, 0)
@@ -179,7 +180,8 @@ def reference_art(model, strength: float, cfg: DemoConfig, scorer) -> float:
 
 def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: int, cfg: DemoConfig,
                   round_dir: Path, scorer, base_sha: str, schedule=None, art_floor: float | None = None,
-                  budget=None, feedback_gains=None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                  budget=None, feedback_gains=None, paired_strength: float | None = None
+                  ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Sample ``groups × group_size`` trajectories at ``strength``, score them, write one shard
     into ``round_dir/shards``.
 
@@ -190,7 +192,9 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
     around ``feedback_gains`` (a two-value ``SchedulePolicy``; None = the config's fixed gains);
     their offsets are ``"feedback_delta"``.
     With ``art_floor``, art similarity below it is penalised (:func:`rl.reward.floor_penalty`);
-    with ``budget`` (:class:`rl.art_budget.ArtBudget`), art is rewarded at the budget's price.
+    with ``budget`` (:class:`rl.art_budget.ArtBudget`), art is rewarded at the budget's price,
+    against paired floors: ``cfg.art_floor`` × the art of the pretrained ControlNet at
+    ``paired_strength`` (the demo strength) for the same prompt, payload and seed.
     """
     from .convert import file_sha256
     from .reward import combine_rewards, floor_penalty
@@ -217,8 +221,11 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
     if art_floor is not None:
         parts.append(floor_penalty(art.components["clip_image"], art_floor))
         weights.append(cfg.art_floor_weight)
-    if budget is not None:
-        parts.append(budget.reward(art.components["clip_image"]))
+    floors = None
+    if budget is not None:  # paired: the pretrained ControlNet's art for the same items, × the floor fraction
+        plain = sample(model, prompts, codes, seeds, paired_strength, record=False).images
+        floors = cfg.art_floor * model.art_reward(plain, prompts, base, scorer).components["clip_image"]
+        parts.append(budget.reward(art.components["clip_image"], floors=floors))
         weights.append(1.0)
     reward = combine_rewards(parts, weights)
     info = model.info
@@ -256,7 +263,7 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
         "art_similarity": float(comp["clip_image"].mean()), "text_similarity": float(comp["clip_text"].mean()),
         "reward": float(reward.total.mean()),
         "art_shortfall": float(comp["art_shortfall"].mean()) if "art_shortfall" in comp else 0.0,
-    }, exploration
+    } | ({} if floors is None else {"art_floor": float(np.mean(floors))}), exploration
 
 
 def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: int, cfg: DemoConfig,
@@ -333,16 +340,17 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     say(f"before RL at strength {low}: decode {before['decode_rate']:.0%}, module accuracy "
         f"{before['module_accuracy']:.3f}, art {before['art_similarity']:.3f}")
     art_floor, budget = None, None
-    if cfg.art_floor > 0:
+    if cfg.art_floor > 0 and cfg.art_price_lr > 0:
+        from .art_budget import ArtBudget
+
+        say(f"art budget: each round's mean art similarity >= {cfg.art_floor:g} × the pretrained ControlNet's at "
+            f"{low} on the same prompts and seeds, priced")
+        budget = ArtBudget(floor=cfg.art_floor * reference_art(model, low, cfg, scorer), lr=cfg.art_price_lr)
+    elif cfg.art_floor > 0:
         ref = reference_art(model, low, cfg, scorer)
         art_floor = cfg.art_floor * ref
-        kind = "mean art similarity, priced" if cfg.art_price_lr > 0 else "art similarity per sample, hinge"
-        say(f"art floor: {kind} >= {art_floor:.3f} ({cfg.art_floor:g} × {ref:.3f}, the pretrained ControlNet at "
-            f"{low} on training prompts)")
-        if cfg.art_price_lr > 0:
-            from .art_budget import ArtBudget
-
-            budget, art_floor = ArtBudget(floor=art_floor, lr=cfg.art_price_lr), None
+        say(f"art floor: art similarity per sample (hinge) >= {art_floor:.3f} ({cfg.art_floor:g} × {ref:.3f}, the "
+            f"pretrained ControlNet at {low} on training prompts)")
     schedule, feedback_gains = None, None
     if cfg.learn_schedule:
         from .schedule_policy import SchedulePolicy
@@ -366,7 +374,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         t0 = time.perf_counter()
         row, exploration = collect_round(model, controlnet, cn_path, strength, r, cfg, round_dir, scorer, base_sha,
                                          schedule=schedule, art_floor=art_floor, budget=budget,
-                                         feedback_gains=feedback_gains)
+                                         feedback_gains=feedback_gains, paired_strength=low)
         row["collect_s"] = round(time.perf_counter() - t0, 1)
         history.append(row["decode_rate"])
         round_shards = Path(row["shard"]).parent
@@ -385,7 +393,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
                 feedback_gains.update(exploration["feedback_delta"], adv.values, adv.mask)
                 row["feedback_gains"] = [round(float(g), 4) for g in learned_feedback(cfg, feedback_gains).gains()]
         if budget is not None:
-            row.update(budget.update(row["art_similarity"]))
+            row.update(budget.update(row["art_similarity"], row["art_floor"]))
         row["train_s"] = round(time.perf_counter() - t0, 1)
         rounds.append(row)
         bar.update(1)
@@ -518,7 +526,10 @@ def plot_curves(rounds: list[dict[str, Any]], before: dict[str, Any], after: dic
         if key in before and key != "strength":
             ax.axhline(before[key], color="gray", ls="--", lw=1, label="before (eval)")
             ax.axhline(after[key], color="green", ls="--", lw=1, label="after (eval)")
-        if key == "art_similarity" and art_floor is not None:
+        if key == "art_similarity" and any("art_floor" in r for r in rounds):  # paired floors, per round
+            ax.plot(xs, [r.get("art_floor", math.nan) for r in rounds], color="red", ls=":", lw=1, label="art floor")
+            ax.legend(fontsize=7)
+        elif key == "art_similarity" and art_floor is not None:
             ax.axhline(art_floor, color="red", ls=":", lw=1, label="art floor")
             ax.legend(fontsize=7)
         ax.set_title(title)
