@@ -22,6 +22,18 @@ def test_price_rises_below_the_floor_and_falls_back_to_zero():
     assert r.total == pytest.approx([0.2, -0.2]) and r.components["art_margin"] == pytest.approx([0.1, -0.1])
 
 
+def test_paired_floors_price_each_sample_against_its_own_reference():
+    """Per-sample floors (the demo's paired budget): margins against each sample's own floor, and
+    the dual step acts on the round's mean floor, so a round of low-art prompts is not a shortfall."""
+    b = ArtBudget(floor=0.8, lr=100.0, price=2.0)
+    r = b.reward([0.7, 0.9], floors=[0.65, 0.95])
+    assert r.components["art_margin"] == pytest.approx([0.05, -0.05]) and r.total == pytest.approx([0.1, -0.1])
+    assert b.update(0.75, floor=0.74)["art_gap"] == pytest.approx(-0.01)  # inside its paired budget
+    assert b.price == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one floor per sample"):
+        b.reward([0.7, 0.9], floors=[0.6])
+
+
 @pytest.mark.parametrize("kw", [{"floor": float("nan")}, {"floor": 0.8, "lr": -1.0}, {"floor": 0.8, "price": -1.0}])
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError):

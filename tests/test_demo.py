@@ -36,6 +36,9 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     assert "reward.art_margin" in shard.tensors()
     assert summary["art_floor"] > 0 and summary["art_price"] >= 0
     assert all("art_price" in row and "art_gap" in row for row in rounds)
+    # paired floors: each round's floor is 0.95 × the pretrained ControlNet's art on its own items
+    assert all(0 < row["art_floor"] < 1 and row["art_gap"] == pytest.approx(row["art_floor"] - row["art_similarity"])
+               for row in rounds)
     sched = json.loads((out / "schedule.json").read_text())
     assert sched["updates"] == 2 and sched["keyframes"] == summary["schedule"]["keyframes"]
     assert summary["after_mean_strength"] == pytest.approx(sched["mean_strength"], rel=1e-5)
