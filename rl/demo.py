@@ -67,6 +67,7 @@ class DemoConfig:
     art_floor: float = 0.95  # the art budget's floor, a fraction of the pretrained ControlNet's art (0 = off)
     art_floor_weight: float = 10.0  # per-sample hinge slope, used when art_price_lr = 0
     art_price_lr: float = 400.0  # > 0: the floor holds the *mean* art, priced by a Lagrange multiplier (rl.art_budget)
+    average_last: float = 0.25  # the result averages the learned curve and gains over this fraction of the last rounds
     epochs: int = 1
     clip_range: float = 0.2
     timestep_fraction: float = 1.0
@@ -102,6 +103,7 @@ class DemoConfig:
              f"unknown --curriculum {self.curriculum!r}: use none, linear, cosine, exponential or adaptive")
         need(0 <= self.art_floor < 1, f"--art-floor must be in [0, 1) (a fraction of the pretrained art similarity), got {self.art_floor}")
         need(self.art_price_lr >= 0, f"--art-price-lr must be >= 0, got {self.art_price_lr}")
+        need(0 < self.average_last <= 1, f"--average-last must be in (0, 1] (a fraction of the rounds), got {self.average_last}")
         need(self.art_floor_weight >= 0, f"--art-floor-weight must be >= 0, got {self.art_floor_weight}")
         need(self.train_controlnet or self.learn_schedule,
              "nothing to learn: --no-learn-schedule needs --train-controlnet")
@@ -364,6 +366,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     controlnet = None
     rounds: list[dict[str, Any]] = []
     history: list[float] = []
+    curve_means: list[torch.Tensor] = []  # the learned means after each round, for the averaged result
+    feedback_means: list[torch.Tensor] = []
     bar = tqdm(total=cfg.rounds, desc="RL rounds", unit="round", disable=not cfg.progress)
     for r in range(cfg.rounds):
         if plan is None or r >= cfg.rounds - cfg.hold_rounds:
@@ -389,8 +393,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
             adv = exploration["advantages"]
             row.update(schedule.update(exploration["delta"], adv.values, adv.mask))
             row["schedule_gains"] = [round(float(g), 4) for g in schedule.gains()]
+            curve_means.append(schedule.log_gain.clone())
             if feedback_gains is not None:
                 feedback_gains.update(exploration["feedback_delta"], adv.values, adv.mask)
+                feedback_means.append(feedback_gains.log_gain.clone())
                 row["feedback_gains"] = [round(float(g), 4) for g in learned_feedback(cfg, feedback_gains).gains()]
         if budget is not None:
             row.update(budget.update(row["art_similarity"], row["art_floor"]))
@@ -409,7 +415,13 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     if not cfg.keep_shards:  # after the copy: the last round's ControlNet lives in rounds/
         shutil.rmtree(out / "rounds", ignore_errors=True)
 
-    # ---- after: the trained ControlNet, with the learned strength curve when there is one
+    # ---- after: the trained ControlNet, with the learned strength curve when there is one,
+    # averaged over the last rounds (SchedulePolicy.averaged: why)
+    keep = max(1, math.ceil(cfg.average_last * cfg.rounds))
+    if schedule is not None and curve_means:
+        schedule = schedule.averaged(curve_means[-keep:])
+    if feedback_gains is not None and feedback_means:
+        feedback_gains = feedback_gains.averaged(feedback_means[-keep:])
     after_strength: Any = low if schedule is None else schedule.schedule(low).tolist()
     after_feedback = learned_feedback(cfg, feedback_gains)
     after = _evaluate(model, controlnet, after_strength, cfg, scorer, base_images, after_feedback)
@@ -429,6 +441,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
         "art_floor": budget.floor if budget is not None else art_floor,
         "art_price": budget.price if budget is not None else None, "trained_controlnet": cfg.train_controlnet,
+        "averaged_rounds": keep if schedule is not None else 0,
         "schedule": None if schedule is None else schedule.to_dict(low, positions),
         "module_feedback": None if after_feedback is None else asdict(after_feedback),
         "after_mean_strength": float(np.mean(after_strength)),

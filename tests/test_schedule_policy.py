@@ -83,3 +83,17 @@ def test_save_and_load_round_trip(tmp_path):
 def test_bad_settings_are_refused(kw, needle):
     with pytest.raises(QRRLError, match=needle):
         SchedulePolicy(**({"steps": 3} | kw))
+
+
+def test_averaged_policy_is_the_mean_of_earlier_means():
+    """The demo's result averages the last rounds' means (the primal-dual iterates circle)."""
+    pol = SchedulePolicy(steps=3, sigma=0.1, lr=2.0)
+    hist = [torch.tensor([0.0, 0.2, -0.2]), torch.tensor([0.2, 0.0, 0.2])]
+    avg = pol.averaged(hist)
+    assert avg.log_gain.tolist() == pytest.approx([0.1, 0.1, 0.0])
+    assert (avg.sigma, avg.lr, avg.steps) == (pol.sigma, pol.lr, pol.steps)
+    assert pol.log_gain.tolist() == [0.0, 0.0, 0.0]  # the original is untouched
+    with pytest.raises(QRRLError, match="nothing to average"):
+        pol.averaged([])
+    with pytest.raises(QRRLError, match="4 values for 3 steps"):
+        pol.averaged([torch.zeros(4)])

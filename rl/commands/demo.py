@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--art-price-lr", type=float, default=None,
                    help="the floor holds the mean art of each round, priced by a Lagrange multiplier that moves by "
                         "this much per unit shortfall (default 400; 0 = a per-sample hinge instead)")
+    p.add_argument("--average-last", type=float, default=None,
+                   help="the result is the learned curve and feedback gains averaged over this fraction of the last "
+                        "rounds (default 0.25; 1/rounds = the last round's)")
     p.add_argument("--art-floor-weight", type=float, default=None,
                    help="--art-price-lr 0: slope of the per-sample hinge (default 10)")
     p.add_argument("--steps-from", type=float, default=None,
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
              "eval_samples", "clip_weight", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",
-             "learn_schedule", "train_controlnet", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_price_lr", "steps_from",
+             "learn_schedule", "train_controlnet", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_price_lr", "steps_from", "average_last",
              "module_feedback", "feedback_low", "feedback_high", "feedback_margin")
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if kw.get("train_controlnet") and "module_feedback" not in kw:
