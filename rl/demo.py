@@ -225,7 +225,8 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
         weights.append(cfg.art_floor_weight)
     floors = None
     if budget is not None:  # paired: the pretrained ControlNet's art for the same items, × the floor fraction
-        plain = sample(model, prompts, codes, seeds, paired_strength, record=False).images
+        plain = sample(model, prompts, codes, seeds, strength if paired_strength is None else paired_strength,
+                       record=False).images
         floors = cfg.art_floor * model.art_reward(plain, prompts, base, scorer).components["clip_image"]
         parts.append(budget.reward(art.components["clip_image"], floors=floors))
         weights.append(1.0)
