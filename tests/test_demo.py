@@ -1,4 +1,5 @@
-"""`qr-rl demo --quick` end to end: every report file, through the real trainer and shard format."""
+"""`qr-rl demo --quick` end to end: every report file, through the real sampler, rewards and shard
+format; the ControlNet trainer path runs in `test_schedule_only_and_plain_runs`."""
 
 from __future__ import annotations
 
