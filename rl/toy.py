@@ -411,6 +411,8 @@ def sample(
                         f"({n}×{steps}); got shape {tuple(table.shape)}")
     per_sample = table.ndim == 2
     light = gains = None
+    if feedback_gains is not None and feedback is None:
+        raise QRRLError("feedback_gains needs feedback (a ModuleFeedback) to act on")
     if feedback is not None and codes is not None:
         from .module_feedback import light_grids
 
@@ -428,17 +430,18 @@ def sample(
         c, u, h = cond[sl], uncond[sl], hints[sl]
 
         st = table[sl] if per_sample else table[None].expand(len(sd), steps)
-        last: dict[int, torch.Tensor] = {}
+        prev: list[torch.Tensor] = []  # the previous step's prediction, for module feedback
 
-        def denoise(x: torch.Tensor, sigma: float, k: int, c=c, u=u, h=h, st=st, sl=sl, last=last) -> torch.Tensor:
+        def denoise(x: torch.Tensor, sigma: float, k: int, c=c, u=u, h=h, st=st, sl=sl, prev=prev) -> torch.Tensor:
             smap = None
-            if light is not None and k > 0:
+            if light is not None and prev:
                 from .module_feedback import strength_map
 
-                smap = strength_map(latents_to_images(last[k - 1]), light[sl], gains[sl, 0], gains[sl, 1],
+                smap = strength_map(latents_to_images(prev[0]), light[sl], gains[sl, 0], gains[sl, 1],
                                     feedback.margin, feedback.softness, world.LATENT_SIZE)
             d = policy.denoise(x, sigma, timesteps[k], c, u, h, st[:, k], cfg, strength_map=smap)
-            last[k] = d
+            if light is not None:
+                prev[:] = [d]
             return d
 
         x, rec = sample_loop(denoise, x0, sigmas, eta, 1.0, sd, record=record,

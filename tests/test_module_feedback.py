@@ -77,6 +77,8 @@ def test_feedback_makes_the_shipped_model_scan_more_at_the_same_strength():
     assert torch.allclose(a.images, b.images, atol=1e-5)
     with pytest.raises(QRRLError, match="feedback_gains"):
         sample(model, prompts, codes, [1, 2], 0.5, steps=2, feedback=ModuleFeedback(), feedback_gains=torch.ones(3, 2))
+    with pytest.raises(QRRLError, match="needs feedback"):
+        sample(model, prompts, codes, [1, 2], 0.5, steps=2, feedback_gains=torch.ones(2, 2))
 
 
 def test_policy_refuses_a_map_of_the_wrong_shape():

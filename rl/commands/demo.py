@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--feedback-high", type=float, default=None,
                    help="module feedback: starting strength gain on modules still wrong (default 2; learned)")
     p.add_argument("--feedback-margin", type=float, default=None,
-                   help="module feedback: luma margin (0-0.5) a module needs past the median to count as right "
+                   help="module feedback: luma margin (0-0.5) a module needs past the light/dark midpoint to count as right "
                         "(default 0.05)")
     p.add_argument("--schedule-sigma", type=float, default=None,
                    help="exploration of the strength curve: std of each step's log-gain (default 0.2)")
