@@ -23,7 +23,7 @@ from ..rl.errors import QRRLError
 from ..rl.hashing import sha256_file
 from ..rl.sampling import TrajectoryRecord, batch_seeds, sample_loop
 from ..rl.schedule import StrengthSchedule
-from ._common import CATEGORY, TrajectoryType
+from ._common import CATEGORY, QRCodeType, TrajectoryType
 from .scheduled_controlnet import apply_scheduled, build_schedule, schedule_inputs
 
 log = logging.getLogger(__name__)
@@ -248,6 +248,31 @@ def _hint_at_latent(image: torch.Tensor, batch: int, h: int, w: int) -> tuple[to
     return (hint.clamp(0, 1) * 255.0).round().to(torch.uint8).contiguous(), note
 
 
+def latent_feedback(model, qr_code, image: torch.Tensor, batch: int, lh: int, lw: int, low: float, high: float,
+                    margin: float):
+    """Module feedback for this run: the code's module grid, checked against the hint, seen
+    through the model's latent preview factors (see :class:`rl.module_feedback.LatentFeedback`)."""
+    from ..rl.module_feedback import LatentFeedback, ModuleFeedback, light_grids, wrong_modules
+
+    fb = ModuleFeedback(low=float(low), high=float(high), margin=float(margin))
+    if lh != lw:
+        raise QRRLError(f"module feedback needs a square latent (the QR code fills the image), got {lw * 8}x{lh * 8}")
+    if image.shape[1] != image.shape[2]:
+        raise QRRLError(f"module feedback needs the square hint of QR Code Encode, got {image.shape[2]}x{image.shape[1]}")
+    light = light_grids([qr_code])
+    hint = image[:1, :, :, :3].movedim(-1, 1).float().cpu()
+    agree = float((wrong_modules(hint, light, 0.0, 1e-3) < 0.5).float().mean())
+    if agree < 0.9:
+        raise QRRLError(f"qr_code does not match the hint image (only {100 * agree:.0f}% of modules agree): connect "
+                        "hint and qr_code from the same QR Code Encode node")
+    lf = model.get_model_object("latent_format")
+    factors = getattr(lf, "latent_rgb_factors", None)
+    if factors is None or getattr(lf, "latent_rgb_factors_reshape", None) is not None:
+        raise QRRLError(f"module feedback reads the latent through the model's preview colours, and this model's latent "
+                        f"format ({type(lf).__name__}) has none usable; disconnect qr_code")
+    return LatentFeedback(fb, light.expand(batch, -1, -1), factors, getattr(lf, "latent_rgb_factors_bias", None))
+
+
 # --------------------------------------------------------------------------------------------
 # the node
 
@@ -299,6 +324,19 @@ class QRControlNetSamplerRL(io.ComfyNode):
                                 "not carry its text)."),
                 io.String.Input("negative_prompt", default="", multiline=True, optional=True,
                                 tooltip="Metadata only: the negative prompt text, stored in the shard."),
+                QRCodeType.Input("qr_code", optional=True,
+                                 tooltip="Connect the QR Code Encode's qr_code (the code of the hint) to turn on module "
+                                 "feedback: from step 2 on, the ControlNet pushes harder on the modules the previous "
+                                 "step's preview still gets wrong and softer on the rest. Sampling only (record off)."),
+                io.Float.Input("feedback_low", default=0.8, min=0.0, max=10.0, step=0.01, optional=True,
+                               tooltip="Module feedback: ControlNet gain on modules already on their side (below 1 "
+                               "gives art back where the code already reads)."),
+                io.Float.Input("feedback_high", default=2.0, min=0.0, max=10.0, step=0.01, optional=True,
+                               tooltip="Module feedback: ControlNet gain on modules still wrong (above 1 pushes them "
+                               "harder). low = high = 1 is plain sampling."),
+                io.Float.Input("feedback_margin", default=0.05, min=0.0, max=0.49, step=0.005, optional=True,
+                               tooltip="Module feedback: how far past the light/dark midpoint (in luma, 0-1) a "
+                               "module must be to count as right."),
             ],
             outputs=[
                 io.Latent.Output("LATENT", tooltip="The sampled latents."),
@@ -311,7 +349,8 @@ class QRControlNetSamplerRL(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, scheduler: str,
                 denoise: float, control_net, image, curve: str, strength_start: float, strength_end: float,
                 keyframes: str, start_percent: float, end_percent: float, eta: float, s_noise: float, record: bool,
-                ckpt_name: str, control_net_name: str, prompt: str = "", negative_prompt: str = "") -> io.NodeOutput:
+                ckpt_name: str, control_net_name: str, prompt: str = "", negative_prompt: str = "", qr_code=None,
+                feedback_low: float = 0.8, feedback_high: float = 2.0, feedback_margin: float = 0.05) -> io.NodeOutput:
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
@@ -335,7 +374,16 @@ class QRControlNetSamplerRL(io.ComfyNode):
             verify_controlnet(control_net, cn_path)
             base_sha, cn_sha = sha256_file(ckpt_path), sha256_file(cn_path)
 
-        pos, neg, sigma_strength = apply_scheduled(positive, negative, control_net, image, schedule)
+        feedback = None
+        if qr_code is not None:
+            if record:
+                raise QRRLError(
+                    "module feedback (qr_code connected) cannot be recorded: its gain map comes from the sampler's own "
+                    "predictions and the trainer cannot replay it yet. Switch record off, or disconnect qr_code to record"
+                )
+            feedback = latent_feedback(model, qr_code, image, batch, lh, lw, feedback_low, feedback_high,
+                                       feedback_margin)
+        pos, neg, sigma_strength = apply_scheduled(positive, negative, control_net, image, schedule, feedback=feedback)
         sigmas = compute_sigmas(model, scheduler, steps, denoise)
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         seeds = batch_seeds(seed, batch)
@@ -347,7 +395,10 @@ class QRControlNetSamplerRL(io.ComfyNode):
             s_in = x.new_ones([x.shape[0]])
 
             def denoise_fn(xk, sigma, k):
-                return model_k(xk, sigma * s_in, **extra_args)
+                denoised = model_k(xk, sigma * s_in, **extra_args)
+                if feedback is not None:
+                    feedback.observe(denoised, k, len(sigmas_in) - 1)  # the gain map for step k + 1
+                return denoised
 
             def step_cb(k, xk, dk, out):
                 if callback is not None:
@@ -399,6 +450,11 @@ class QRControlNetSamplerRL(io.ComfyNode):
                 cond=_embedding(positive, batch), uncond=_embedding(negative, batch), hint=hint_u8,
                 meta=meta, notes=notes,
             )
+        if feedback is not None:
+            fb = feedback.feedback
+            shares = ", ".join(f"{100 * v:.0f}%" for v in feedback.wrong_fraction)
+            notes.append(f"module feedback: gain {fb.low:g} on right modules, {fb.high:g} on wrong ones (margin "
+                         f"{fb.margin:g}); modules off their side after each step (latent preview): {shares}")
         if notes:
             report += "\n" + "\n".join(notes)
         return io.NodeOutput(out, traj, report, ui={"text": [report]})

@@ -9,6 +9,11 @@ of ``model_sampling.percent_to_sigma``, found by bisection, so it works for any 
 sampling type). The window test uses ComfyUI's own sigma borders (inclusive, like ComfyUI),
 and each step gets exactly one strength: a chain of ComfyUI's fixed-strength segments gives a
 step on a shared border the *sum* of both strengths.
+
+Module feedback (the RL sampler's ``qr_code`` input) hangs a :class:`rl.module_feedback.LatentFeedback`
+on the copy: ``control_merge`` multiplies this ControlNet's own outputs (not a chained previous
+one's) by the feedback's current gain map, resized to each output and broadcast over the
+cond/uncond chunks exactly as ComfyUI broadcasts the hint.
 """
 
 from __future__ import annotations
@@ -118,21 +123,44 @@ def _scheduled_class(base: type) -> type:
                 return self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
             return None
         self.strength = strength
+        self.qr_batched_number = batched_number
         return base.get_control(self, x_noisy, t, cond, batched_number, transformer_options)
+
+    def control_merge(self, control, control_prev, output_dtype):
+        feedback = getattr(self, "qr_feedback", None)
+        if feedback is not None and feedback.map is not None:
+            gain = feedback.map
+            control = {key: [None if x is None else _with_gain(x, gain, self.qr_batched_number) for x in outputs]
+                       for key, outputs in control.items()}
+        return base.control_merge(self, control, control_prev, output_dtype)
 
     def copy(self):
         c = base.copy(self)
         c.__class__ = type(self)
         c.qr_sigma_strength = self.qr_sigma_strength
+        c.qr_feedback = getattr(self, "qr_feedback", None)
         return c
 
-    cls = type(f"QRScheduled{base.__name__}", (base,), {"get_control": get_control, "copy": copy})
+    cls = type(f"QRScheduled{base.__name__}", (base,),
+               {"get_control": get_control, "control_merge": control_merge, "copy": copy})
     _subclasses[base] = cls
     return cls
 
 
-def scheduled_copy(control_net, hint_bchw, schedule: StrengthSchedule, sigma_strength: SigmaStrength, vae=None):
-    """A copy of ``control_net`` whose strength follows ``schedule`` (not yet chained)."""
+def _with_gain(x, gain, batched_number: int):
+    """One ControlNet output times the feedback gain map (per sample, broadcast like the hint)."""
+    from comfy.controlnet import broadcast_image_to
+
+    from ..rl.module_feedback import scale_residual
+
+    g = broadcast_image_to(gain.to(x.device), x.shape[0], batched_number)
+    return scale_residual(x, g)
+
+
+def scheduled_copy(control_net, hint_bchw, schedule: StrengthSchedule, sigma_strength: SigmaStrength, vae=None,
+                   feedback=None):
+    """A copy of ``control_net`` whose strength follows ``schedule`` (not yet chained);
+    ``feedback`` (a :class:`rl.module_feedback.LatentFeedback`) adds the per-module gain map."""
     if not hasattr(control_net, "model_sampling_current"):
         # T2I adapters and other ControlBase kinds have no model_sampling_current: they gate on
         # timesteps differently, so per-sigma strength cannot be measured the same way.
@@ -145,11 +173,12 @@ def scheduled_copy(control_net, hint_bchw, schedule: StrengthSchedule, sigma_str
     )
     c.__class__ = _scheduled_class(type(c))
     c.qr_sigma_strength = sigma_strength
+    c.qr_feedback = feedback
     return c
 
 
 def apply_scheduled(positive, negative, control_net, image, schedule: StrengthSchedule, vae=None,
-                    sigma_strength: SigmaStrength | None = None) -> tuple[list, list, SigmaStrength]:
+                    sigma_strength: SigmaStrength | None = None, feedback=None) -> tuple[list, list, SigmaStrength]:
     """ControlNetApplyAdvanced with a schedule: returns (positive, negative, sigma_strength)."""
     sigma_strength = sigma_strength or SigmaStrength(schedule)
     hint = image.movedim(-1, 1)
@@ -162,7 +191,7 @@ def apply_scheduled(positive, negative, control_net, image, schedule: StrengthSc
             prev = d.get("control", None)
             c_net = copies.get(prev)
             if c_net is None:
-                c_net = scheduled_copy(control_net, hint, schedule, sigma_strength, vae=vae)
+                c_net = scheduled_copy(control_net, hint, schedule, sigma_strength, vae=vae, feedback=feedback)
                 c_net.set_previous_controlnet(prev)
                 copies[prev] = c_net
             d["control"] = c_net

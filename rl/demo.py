@@ -64,6 +64,7 @@ class DemoConfig:
     feedback_high: float = 2.0  # starting gain on modules still wrong (learned with the curve)
     feedback_margin: float = 0.05
     feedback_softness: float = 0.03
+    feedback_ramp: float = 1.0  # the wrong-module push grows over the run (ModuleFeedback.contrast)
     art_floor: float = 0.95  # the art budget's floor, a fraction of the pretrained ControlNet's art (0 = off)
     art_floor_weight: float = 10.0  # per-sample hinge slope, used when art_price_lr = 0
     art_price_lr: float = 400.0  # > 0: the floor holds the *mean* art, priced by a Lagrange multiplier (rl.art_budget)
@@ -116,7 +117,8 @@ class DemoConfig:
 
         check_training_options(self.mode, self.step_weighting, self.anchor_decay, self.steps_from)
         check_schedule_options(self.schedule_sigma, self.schedule_lr)
-        check_feedback(self.feedback_low, self.feedback_high, self.feedback_margin, self.feedback_softness)
+        check_feedback(self.feedback_low, self.feedback_high, self.feedback_margin, self.feedback_softness,
+                       self.feedback_ramp)
 
     def feedback(self):
         """The :class:`rl.module_feedback.ModuleFeedback` at the starting gains, or None when off."""
@@ -124,7 +126,8 @@ class DemoConfig:
 
         if not self.module_feedback:
             return None
-        return ModuleFeedback(self.feedback_low, self.feedback_high, self.feedback_margin, self.feedback_softness)
+        return ModuleFeedback(self.feedback_low, self.feedback_high, self.feedback_margin, self.feedback_softness,
+                              self.feedback_ramp)
 
 
 @dataclass
@@ -242,7 +245,7 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
         "schedule_exploration": None if schedule is None else schedule.to_dict(strength),
         # the trainer refuses these shards: the spatial strength map is not recorded
         "module_feedback": None if feedback is None else {
-            "margin": feedback.margin, "softness": feedback.softness,
+            "margin": feedback.margin, "softness": feedback.softness, "ramp": feedback.ramp,
             "gains": (torch.tensor([feedback.gains()] * len(prompts)) if gains is None else gains).tolist()},
         "base_sha256": base_sha, "controlnet_sha256": file_sha256(controlnet_path),
         "curriculum_round": r, "policy_version": r,

@@ -18,6 +18,14 @@ two more numbers for :mod:`rl.schedule_policy` to learn per sample, next to the 
 
 The first step has no prediction yet and runs at gain 1. The map is on the module grid; it is
 resized to each residual's resolution by area averaging (:func:`scale_residual`).
+
+The contrast ``high − low`` ramps over the run: at progress ``p = k / (K − 1)`` it is scaled by
+``(ramp + 1) · p^ramp`` (mean 1 over the run; ``ramp`` 0 is a constant contrast). Early
+predictions are blurry and most modules look wrong, so an early push lands everywhere and costs
+art; late the wrong modules are few and pinned down. Measured at strength 0.5 on the toy
+(seed-0 items): gains (0.8, 2) decode 67% at art 0.854 with a constant contrast and 86% at
+0.840 with ``ramp`` 1; a feedback on the running mean of wrongness (an integral term) did worse
+(62%).
 """
 
 from __future__ import annotations
@@ -41,17 +49,23 @@ class ModuleFeedback:
     high: float = 2.0
     margin: float = 0.05
     softness: float = 0.03
+    ramp: float = 1.0
 
     def __post_init__(self) -> None:
-        check_feedback(self.low, self.high, self.margin, self.softness)
+        check_feedback(self.low, self.high, self.margin, self.softness, self.ramp)
 
     def gains(self) -> tuple[float, float]:
         return self.low, self.high
 
+    def contrast(self, k: int, steps: int) -> float:
+        """The factor on ``high − low`` at step ``k`` of ``steps``: ``(ramp + 1) · p^ramp``."""
+        p = k / max(steps - 1, 1)
+        return (self.ramp + 1.0) * p**self.ramp
 
-def check_feedback(low: float, high: float, margin: float, softness: float) -> None:
+
+def check_feedback(low: float, high: float, margin: float, softness: float, ramp: float = 0.0) -> None:
     """Refuse gains and margins that cannot work (shared by the dataclass and the CLI)."""
-    for name, v in (("low", low), ("high", high), ("margin", margin), ("softness", softness)):
+    for name, v in (("low", low), ("high", high), ("margin", margin), ("softness", softness), ("ramp", ramp)):
         if not math.isfinite(v):
             raise QRRLError(f"module feedback {name} must be a finite number, got {v}")
     if low < 0 or high < 0:
@@ -60,6 +74,8 @@ def check_feedback(low: float, high: float, margin: float, softness: float) -> N
         raise QRRLError(f"module feedback margin is a luma difference in [0, 0.5), got {margin}")
     if softness <= 0:
         raise QRRLError(f"module feedback softness must be > 0, got {softness}")
+    if not 0 <= ramp <= 10:
+        raise QRRLError(f"module feedback ramp is an exponent in [0, 10] (0 = constant contrast), got {ramp}")
 
 
 def light_grids(codes: Sequence) -> torch.Tensor:
@@ -95,15 +111,17 @@ def wrong_modules(images: torch.Tensor, light: torch.Tensor, margin: float, soft
 
 
 def strength_map(images: torch.Tensor, light: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | float,
-                 margin: float, softness: float, size: int) -> torch.Tensor:
+                 margin: float, softness: float, size: int, contrast: float = 1.0) -> torch.Tensor:
     """The gain map ``[B,1,size,size]`` for the next step from the predicted clean ``images``.
 
-    ``low`` and ``high`` are floats or one value per sample ``[B]`` (exploration draws them).
+    ``low`` and ``high`` are floats or one value per sample ``[B]`` (exploration draws them);
+    ``contrast`` scales ``high − low`` (:meth:`ModuleFeedback.contrast`).
     """
     b = images.shape[0]
-    lo = torch.as_tensor(low, dtype=torch.float32).reshape(-1).expand(b).view(-1, 1, 1)
-    hi = torch.as_tensor(high, dtype=torch.float32).reshape(-1).expand(b).view(-1, 1, 1)
-    gain = lo + (hi - lo) * wrong_modules(images, light, margin, softness)
+    dev = images.device
+    lo = torch.as_tensor(low, dtype=torch.float32).to(dev).reshape(-1).expand(b).view(-1, 1, 1)
+    hi = torch.as_tensor(high, dtype=torch.float32).to(dev).reshape(-1).expand(b).view(-1, 1, 1)
+    gain = (lo + contrast * (hi - lo) * wrong_modules(images, light, margin, softness)).clamp_min(0.0)
     n = light.shape[-1]
     # nearest to whole-module blocks at a multiple of the grid, then area: module edges fall
     # between latent pixels exactly as they do in the image
@@ -118,3 +136,53 @@ def scale_residual(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if scale.shape[-2:] != residual.shape[-2:]:
         scale = F.interpolate(scale, size=residual.shape[-2:], mode="area")
     return residual * scale.to(residual.dtype)
+
+
+def latent_rgb(latents: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A latent ``[B,C,h,w]`` seen through a linear latent→RGB map (``factors`` ``[C,3]``, ``bias`` ``[3]``):
+    images ``[B,3,h,w]`` in [0, 1], the way ComfyUI draws its fast previews.
+
+    Why linear and not the VAE: the map is rebuilt every step, and a VAE decode per step would
+    cost as much as the UNet. Module feedback only compares modules against each other (the
+    threshold is the light/dark midpoint), so an affine approximation of luma is enough."""
+    f = torch.as_tensor(factors, dtype=torch.float32)
+    if latents.ndim != 4 or f.shape != (latents.shape[1], 3):
+        raise QRRLError(f"latent→RGB factors must be [C={latents.shape[1]}, 3] for latents [B,C,h,w]; "
+                        f"got factors {tuple(f.shape)}, latents {tuple(latents.shape)}")
+    rgb = torch.einsum("bchw,cd->bdhw", latents.float(), f.to(latents.device))
+    if bias is not None:
+        rgb = rgb + torch.as_tensor(bias, dtype=torch.float32, device=latents.device).view(1, 3, 1, 1)
+    return ((rgb + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+class LatentFeedback:
+    """Module feedback for a latent-space sampler (the ComfyUI node): call :meth:`observe` with
+    each step's prediction; :attr:`map` is then the gain map ``[B,1,h,w]`` for the next step
+    (``None`` before the first observation, i.e. gain 1 on step 1, as in :func:`rl.toy.sample`).
+
+    ``light`` ``[B,N,N]`` is the code's module grid with quiet zone, aligned with the whole
+    (square) latent; ``wrong_fraction`` logs, per observed step, the mean share of modules not
+    yet on their side by ``margin`` -- what the sampler's report shows."""
+
+    def __init__(self, feedback: ModuleFeedback, light: torch.Tensor, rgb_factors, rgb_bias=None):
+        if light.ndim != 3 or light.shape[-1] != light.shape[-2]:
+            raise QRRLError(f"module grid must be [B,N,N], got {tuple(light.shape)}")
+        self.feedback = feedback
+        self.light = light.float()
+        self.rgb_factors = torch.as_tensor(rgb_factors, dtype=torch.float32)
+        self.rgb_bias = None if rgb_bias is None else torch.as_tensor(rgb_bias, dtype=torch.float32)
+        self.map: torch.Tensor | None = None
+        self.wrong_fraction: list[float] = []
+
+    def observe(self, denoised: torch.Tensor, k: int, steps: int) -> None:
+        """Build the map for step ``k + 1`` of ``steps`` from step ``k``'s predicted clean latent ``[B,C,h,w]``."""
+        b, _, h, w = denoised.shape
+        if h != w:
+            raise QRRLError(f"module feedback needs a square latent (the QR code fills it), got {w}x{h}")
+        if b != self.light.shape[0]:
+            raise QRRLError(f"module feedback has {self.light.shape[0]} module grids for a batch of {b}")
+        images = latent_rgb(denoised.detach(), self.rgb_factors, self.rgb_bias)
+        fb = self.feedback
+        light = self.light.to(images.device)
+        self.wrong_fraction.append(float((wrong_modules(images, light, fb.margin, fb.softness) > 0.5).float().mean()))
+        self.map = strength_map(images, light, fb.low, fb.high, fb.margin, fb.softness, h, fb.contrast(k + 1, steps))

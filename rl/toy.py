@@ -438,7 +438,7 @@ def sample(
                 from .module_feedback import strength_map
 
                 smap = strength_map(latents_to_images(prev[0]), light[sl], gains[sl, 0], gains[sl, 1],
-                                    feedback.margin, feedback.softness, world.LATENT_SIZE)
+                                    feedback.margin, feedback.softness, world.LATENT_SIZE, feedback.contrast(k, steps))
             d = policy.denoise(x, sigma, timesteps[k], c, u, h, st[:, k], cfg, strength_map=smap)
             if light is not None:
                 prev[:] = [d]

@@ -183,3 +183,42 @@ def test_rl_sampler_records_one_strength_at_the_border(comfy_server):
     assert traj.strength.tolist() == [a, b, b]
     log_sigmas = sd15_log_sigmas()
     assert sd15_sigma_to_percent(float(traj.sigma[1]), log_sigmas) == pytest.approx(0.5, abs=1e-6)
+
+
+# ---- module feedback (record off): the gain map comes from each step's latent preview
+
+
+def _feedback_run(server, prefix: str, **sampler) -> tuple[np.ndarray, str]:
+    wf = tiny_collect(seed=41, steps=4, record=False, **sampler)
+    del wf[node_id(wf, "Recorder")]
+    wf["93"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": prefix}}
+    entry = server.run(wf, timeout=240)
+    report = entry["outputs"][node_id(wf, "RL Sampler")]["text"][0]
+    return np.asarray(Image.open(server.output_files(entry)[0]), dtype=np.float64), report
+
+
+def test_module_feedback_scales_the_controlnet_per_module(comfy_server):
+    qr = [node_id(tiny_collect(), "QR Payload"), 2]
+    plain, plain_report = _feedback_run(comfy_server, "fb_plain")
+    unity, unity_report = _feedback_run(comfy_server, "fb_unity", qr_code=qr, feedback_low=1.0, feedback_high=1.0)
+    fed, report = _feedback_run(comfy_server, "fb_on", qr_code=qr, feedback_low=0.2, feedback_high=4.0)
+    assert "module feedback" not in plain_report
+    # gain 1 everywhere is the plain sampler, bit for bit (the map multiplies; nothing else moves)
+    assert np.array_equal(plain, unity), np.abs(plain - unity).max()
+    assert "module feedback: gain 0.2 on right modules, 4 on wrong ones" in report
+    shares = report.rsplit(":", 1)[1].split(",")
+    assert len(shares) == 4 and all(s.strip().endswith("%") for s in shares)  # one per step
+    assert np.abs(plain - fed).mean() > 0.5, "feedback gains 0.2 / 4 changed nothing"
+
+
+def test_module_feedback_refuses_record_and_a_foreign_code(comfy_server):
+    wf = tiny_collect(seed=42, steps=2)
+    qr = node_id(wf, "QR Payload")
+    set_inputs(wf, "RL Sampler", qr_code=[qr, 2])
+    _refusal(comfy_server, wf, "module feedback .* cannot be recorded")
+    wf = tiny_collect(seed=43, steps=2, record=False)
+    del wf[node_id(wf, "Recorder")]
+    wf["94"] = {"class_type": "QRCodeEncode", "inputs": {**wf[qr]["inputs"], "payload": "another payload entirely"}}
+    wf["95"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "fb_foreign"}}
+    set_inputs(wf, "RL Sampler", qr_code=["94", 2])
+    _refusal(comfy_server, wf, "qr_code does not match the hint image")

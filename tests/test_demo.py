@@ -48,7 +48,9 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     # module feedback: each sample drew its own (low, high) gains, the shard says so, the mean is learned
     gains = shard.meta["module_feedback"]["gains"]
     assert len(gains) == shard.batch_size and len({tuple(g) for g in gains}) == shard.batch_size
+    assert shard.meta["module_feedback"]["ramp"] == 1.0
     fb = summary["module_feedback"]
+    assert fb["ramp"] == 1.0
     assert sched["module_feedback"] == fb and (fb["low"], fb["high"]) != (0.8, 2.0)
     assert rounds[-1]["feedback_gains"] == pytest.approx([fb["low"], fb["high"]], abs=1e-4)
     # ... and the ControlNet trainer refuses those shards: it could not replay the spatial strength

@@ -8,7 +8,15 @@ import torch
 
 from rl import toy_world as world
 from rl.errors import QRRLError
-from rl.module_feedback import ModuleFeedback, light_grids, scale_residual, strength_map, wrong_modules
+from rl.module_feedback import (
+    LatentFeedback,
+    ModuleFeedback,
+    latent_rgb,
+    light_grids,
+    scale_residual,
+    strength_map,
+    wrong_modules,
+)
 from rl.qr import encode
 
 
@@ -54,6 +62,8 @@ def test_bad_settings_are_refused():
         ModuleFeedback(softness=0.0)
     with pytest.raises(QRRLError, match="finite"):
         ModuleFeedback(high=float("nan"))
+    with pytest.raises(QRRLError, match="ramp is an exponent"):
+        ModuleFeedback(ramp=-1.0)
     with pytest.raises(QRRLError, match="one size"):
         light_grids([world.toy_code("ABC1"), encode("ABC1", ecc="H", version=1, module_px=1, border=4)])
 
@@ -91,3 +101,43 @@ def test_policy_refuses_a_map_of_the_wrong_shape():
     x = torch.randn(2, world.LATENT_CHANNELS, world.LATENT_SIZE, world.LATENT_SIZE)
     with pytest.raises(QRRLError, match="strength_map must be"):
         model.policy().denoise(x, 1.0, 500, cond, uncond, hint, 0.5, 2.0, strength_map=torch.ones(2, 32, 32))
+
+
+def test_the_wrong_module_push_ramps_over_the_run():
+    fb = ModuleFeedback(ramp=1.0)
+    assert [fb.contrast(k, 5) for k in range(5)] == [0.0, 0.5, 1.0, 1.5, 2.0]  # mean 1
+    assert ModuleFeedback(ramp=0.0).contrast(0, 5) == ModuleFeedback(ramp=0.0).contrast(4, 5) == 1.0
+    codes = [world.toy_code("ABC1")]
+    inverted = _code_images(codes, invert=True)
+    late = strength_map(inverted, light_grids(codes), 0.8, 2.0, 0.05, 0.03, 32, contrast=2.0)
+    assert late.min() == pytest.approx(0.8 + 2 * 1.2, abs=0.01)
+
+
+def test_latent_feedback_reads_the_latent_through_linear_preview_colours():
+    """The ComfyUI node's feedback: a 4-channel latent whose channel 0 is the image (preview
+    factors take luma from it), two modules flipped: those two get the high gain next step."""
+    code = world.toy_code("ABC1")
+    light = light_grids([code, code])
+    n = light.shape[-1]
+    img = light.clone()
+    img[1, 10, 12] = 1.0 - img[1, 10, 12]
+    img[1, 3, 20] = 1.0 - img[1, 3, 20]
+    lum = img.repeat_interleave(2, 1).repeat_interleave(2, 2)  # 2 latent pixels per module
+    latents = torch.zeros(2, 4, 2 * n, 2 * n)
+    latents[:, 0] = 2.0 * lum - 1.0
+    factors = torch.zeros(4, 3)
+    factors[0] = 1.0
+    assert torch.allclose(latent_rgb(latents, factors)[:, 1], lum)
+    fb = LatentFeedback(ModuleFeedback(low=0.5, high=3.0, ramp=1.0), light, factors)
+    assert fb.map is None  # step 1 runs at gain 1
+    fb.observe(latents, k=0, steps=3)  # the map for step 1 of 3: contrast (1+1)*(1/2) = 1
+    m = fb.map
+    assert m.shape == (2, 1, 2 * n, 2 * n)
+    assert m[0].max() == pytest.approx(0.5, abs=1e-3)
+    assert m[1, 0, 20, 24] == pytest.approx(3.0, abs=1e-3) and m[1, 0, 6, 40] == pytest.approx(3.0, abs=1e-3)
+    assert int((m[1] > 1.0).sum()) == 2 * 4  # exactly the two flipped modules, 4 latent pixels each
+    assert fb.wrong_fraction == [pytest.approx(1 / n**2)]  # mean over the batch: 2 of 2·n² modules
+    with pytest.raises(QRRLError, match="square latent"):
+        fb.observe(latents[..., :-2], k=1, steps=3)
+    with pytest.raises(QRRLError, match=r"factors must be \[C=4, 3\]"):
+        latent_rgb(latents, torch.zeros(3, 3))

@@ -55,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--feedback-margin", type=float, default=None,
                    help="module feedback: luma margin (0-0.5) a module needs past the light/dark midpoint to count as right "
                         "(default 0.05)")
+    p.add_argument("--feedback-ramp", type=float, default=None,
+                   help="module feedback: the push on wrong modules grows over the run as (ramp+1)*p^ramp at "
+                        "progress p (default 1; 0 = the same push at every step)")
     p.add_argument("--schedule-sigma", type=float, default=None,
                    help="exploration of the strength curve: std of each step's log-gain (default 0.2)")
     p.add_argument("--schedule-lr", type=float, default=None,
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
              "eval_samples", "clip_weight", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",
              "learn_schedule", "train_controlnet", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_price_lr", "steps_from", "average_last",
-             "module_feedback", "feedback_low", "feedback_high", "feedback_margin")
+             "module_feedback", "feedback_low", "feedback_high", "feedback_margin", "feedback_ramp")
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if kw.get("train_controlnet") and "module_feedback" not in kw:
         kw["module_feedback"] = False  # the trainer cannot replay feedback maps (DemoConfig.validate)
