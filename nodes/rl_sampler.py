@@ -249,12 +249,12 @@ def _hint_at_latent(image: torch.Tensor, batch: int, h: int, w: int) -> tuple[to
 
 
 def latent_feedback(model, qr_code, image: torch.Tensor, batch: int, lh: int, lw: int, low: float, high: float,
-                    margin: float):
+                    margin: float, ramp: float):
     """Module feedback for this run: the code's module grid, checked against the hint, seen
     through the model's latent preview factors (see :class:`rl.module_feedback.LatentFeedback`)."""
     from ..rl.module_feedback import LatentFeedback, ModuleFeedback, light_grids, wrong_modules
 
-    fb = ModuleFeedback(low=float(low), high=float(high), margin=float(margin))
+    fb = ModuleFeedback(low=float(low), high=float(high), margin=float(margin), ramp=float(ramp))
     if lh != lw:
         raise QRRLError(f"module feedback needs a square latent (the QR code fills the image), got {lw * 8}x{lh * 8}")
     if image.shape[1] != image.shape[2]:
@@ -337,6 +337,10 @@ class QRControlNetSamplerRL(io.ComfyNode):
                 io.Float.Input("feedback_margin", default=0.05, min=0.0, max=0.49, step=0.005, optional=True,
                                tooltip="Module feedback: how far past the light/dark midpoint (in luma, 0-1) a "
                                "module must be to count as right."),
+                io.Float.Input("feedback_ramp", default=1.0, min=0.0, max=10.0, step=0.1, optional=True,
+                               tooltip="Module feedback: the push on wrong modules grows over the run as "
+                               "(ramp+1)*p^ramp at progress p (early previews are blurry and mostly 'wrong'). "
+                               "0 = the same push at every step."),
             ],
             outputs=[
                 io.Latent.Output("LATENT", tooltip="The sampled latents."),
@@ -350,7 +354,8 @@ class QRControlNetSamplerRL(io.ComfyNode):
                 denoise: float, control_net, image, curve: str, strength_start: float, strength_end: float,
                 keyframes: str, start_percent: float, end_percent: float, eta: float, s_noise: float, record: bool,
                 ckpt_name: str, control_net_name: str, prompt: str = "", negative_prompt: str = "", qr_code=None,
-                feedback_low: float = 0.8, feedback_high: float = 2.0, feedback_margin: float = 0.05) -> io.NodeOutput:
+                feedback_low: float = 0.8, feedback_high: float = 2.0, feedback_margin: float = 0.05,
+                feedback_ramp: float = 1.0) -> io.NodeOutput:
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
@@ -382,7 +387,7 @@ class QRControlNetSamplerRL(io.ComfyNode):
                     "predictions and the trainer cannot replay it yet. Switch record off, or disconnect qr_code to record"
                 )
             feedback = latent_feedback(model, qr_code, image, batch, lh, lw, feedback_low, feedback_high,
-                                       feedback_margin)
+                                       feedback_margin, feedback_ramp)
         pos, neg, sigma_strength = apply_scheduled(positive, negative, control_net, image, schedule, feedback=feedback)
         sigmas = compute_sigmas(model, scheduler, steps, denoise)
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
@@ -454,7 +459,8 @@ class QRControlNetSamplerRL(io.ComfyNode):
             fb = feedback.feedback
             shares = ", ".join(f"{100 * v:.0f}%" for v in feedback.wrong_fraction)
             notes.append(f"module feedback: gain {fb.low:g} on right modules, {fb.high:g} on wrong ones (margin "
-                         f"{fb.margin:g}); modules off their side after each step (latent preview): {shares}")
+                         f"{fb.margin:g}, ramp {fb.ramp:g}); modules off their side after each step (latent preview): "
+                         f"{shares}")
         if notes:
             report += "\n" + "\n".join(notes)
         return io.NodeOutput(out, traj, report, ui={"text": [report]})

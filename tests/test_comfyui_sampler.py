@@ -201,11 +201,12 @@ def test_module_feedback_scales_the_controlnet_per_module(comfy_server):
     qr = [node_id(tiny_collect(), "QR Payload"), 2]
     plain, plain_report = _feedback_run(comfy_server, "fb_plain")
     unity, unity_report = _feedback_run(comfy_server, "fb_unity", qr_code=qr, feedback_low=1.0, feedback_high=1.0)
-    fed, report = _feedback_run(comfy_server, "fb_on", qr_code=qr, feedback_low=0.2, feedback_high=4.0)
+    fed, report = _feedback_run(comfy_server, "fb_on", qr_code=qr, feedback_low=0.2, feedback_high=4.0,
+                                feedback_ramp=0.0)
     assert "module feedback" not in plain_report
     # gain 1 everywhere is the plain sampler, bit for bit (the map multiplies; nothing else moves)
     assert np.array_equal(plain, unity), np.abs(plain - unity).max()
-    assert "module feedback: gain 0.2 on right modules, 4 on wrong ones" in report
+    assert "module feedback: gain 0.2 on right modules, 4 on wrong ones (margin 0.05, ramp 0)" in report
     shares = report.rsplit(":", 1)[1].split(",")
     assert len(shares) == 4 and all(s.strip().endswith("%") for s in shares)  # one per step
     assert np.abs(plain - fed).mean() > 0.5, "feedback gains 0.2 / 4 changed nothing"
