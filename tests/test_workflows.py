@@ -11,7 +11,7 @@ import pytest
 from comfy_helpers import load_api
 
 ROOT = Path(__file__).resolve().parents[1]
-UI_WORKFLOWS = [ROOT / "workflows" / "qr_art_scheduled.json", ROOT / "workflows" / "qr_rl_collect.json"]
+UI_WORKFLOWS = [ROOT / "workflows" / name for name in ("qr_art_scheduled.json", "qr_art_feedback.json", "qr_rl_collect.json")]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 API_TITLES = ["Prompt", "Negative", "QR Payload", "Latent", "RL Sampler", "ControlNet", "Checkpoint", "Recorder"]
 
