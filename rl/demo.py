@@ -311,6 +311,20 @@ def learned_feedback(cfg: DemoConfig, feedback_gains=None):
     return replace(fb, low=low, high=high)
 
 
+def comfyui_settings(keyframes: str, feedback=None) -> dict[str, Any]:
+    """What ``schedule.json`` tells a ComfyUI user: the learned module feedback, and the exact
+    widget values of the ``QR ControlNet Sampler (RL)`` node that apply the learned curve and gains."""
+    inputs: dict[str, Any] = {"curve": "keyframes", "keyframes": keyframes, "start_percent": 0.0, "end_percent": 1.0}
+    out: dict[str, Any] = {}
+    if feedback is not None:
+        out["module_feedback"] = asdict(feedback)
+        inputs |= {"feedback_low": round(feedback.low, 4), "feedback_high": round(feedback.high, 4),
+                   "feedback_margin": feedback.margin, "feedback_ramp": feedback.ramp,
+                   "qr_code": "connect QR Code Encode's qr_code output; record off"}
+    out["comfyui_inputs"] = {"node": "QRControlNetSamplerRL", "inputs": inputs}
+    return out
+
+
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoResult:
     """The whole demo; writes the report folder and returns the summary."""
     cfg.validate()
@@ -435,7 +449,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
 
         positions = [1.0 - float(t) / 999.0 for t in sampling_schedule(model.steps)[1]]
         schedule.save(out / "schedule.json", base=low, positions=positions,
-                      extra={"module_feedback": asdict(after_feedback)} if after_feedback is not None else None)
+                      extra=comfyui_settings(schedule.to_dict(low, positions)["keyframes"], after_feedback))
     wall = time.perf_counter() - t_start
     keys = ("decode_rate", "module_accuracy", "art_similarity", "text_similarity")
     summary: dict[str, Any] = {

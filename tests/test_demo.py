@@ -52,6 +52,9 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     fb = summary["module_feedback"]
     assert fb["ramp"] == 1.0
     assert sched["module_feedback"] == fb and (fb["low"], fb["high"]) != (0.8, 2.0)
+    node = sched["comfyui_inputs"]  # the RL sampler node's widgets that apply what was learned
+    assert node["node"] == "QRControlNetSamplerRL" and node["inputs"]["keyframes"] == sched["keyframes"]
+    assert node["inputs"]["feedback_low"] == pytest.approx(fb["low"], abs=1e-4) and node["inputs"]["feedback_ramp"] == 1.0
     assert rounds[-1]["feedback_gains"] == pytest.approx([fb["low"], fb["high"]], abs=1e-4)
     # ... and the ControlNet trainer refuses those shards: it could not replay the spatial strength
     from rl.errors import QRRLError
