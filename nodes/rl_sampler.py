@@ -11,7 +11,7 @@ conditioning, other ControlNets, model patches such as a LoRA) is refused, never
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import folder_paths
@@ -327,7 +327,8 @@ class QRControlNetSamplerRL(io.ComfyNode):
                 QRCodeType.Input("qr_code", optional=True,
                                  tooltip="Connect the QR Code Encode's qr_code (the code of the hint) to turn on module "
                                  "feedback: from step 2 on, the ControlNet pushes harder on the modules the previous "
-                                 "step's preview still gets wrong and softer on the rest. Sampling only (record off)."),
+                                 "step's preview still gets wrong and softer on the rest. With record on, each step's gain map "
+                                 "goes into the shard and the trainer replays it."),
                 io.Float.Input("feedback_low", default=0.8, min=0.0, max=10.0, step=0.01, optional=True,
                                tooltip="Module feedback: ControlNet gain on modules already on their side (below 1 "
                                "gives art back where the code already reads)."),
@@ -381,11 +382,6 @@ class QRControlNetSamplerRL(io.ComfyNode):
 
         feedback = None
         if qr_code is not None:
-            if record:
-                raise QRRLError(
-                    "module feedback (qr_code connected) cannot be recorded: its gain map comes from the sampler's own "
-                    "predictions and the trainer cannot replay it yet. Switch record off, or disconnect qr_code to record"
-                )
             feedback = latent_feedback(model, qr_code, image, batch, lh, lw, feedback_low, feedback_high,
                                        feedback_margin, feedback_ramp)
         pos, neg, sigma_strength = apply_scheduled(positive, negative, control_net, image, schedule, feedback=feedback)
@@ -400,6 +396,8 @@ class QRControlNetSamplerRL(io.ComfyNode):
             s_in = x.new_ones([x.shape[0]])
 
             def denoise_fn(xk, sigma, k):
+                if feedback is not None:
+                    feedback.begin_step(xk)  # recorded: the trainer replays each step's map
                 denoised = model_k(xk, sigma * s_in, **extra_args)
                 if feedback is not None:
                     feedback.observe(denoised, k, len(sigmas_in) - 1)  # the gain map for step k + 1
@@ -434,6 +432,8 @@ class QRControlNetSamplerRL(io.ComfyNode):
         traj = None
         if record:
             rec: TrajectoryRecord = holder["record"]
+            if feedback is not None:
+                rec.strength_map = feedback.recorded()
             ms = model.get_model_object("model_sampling")
             timestep = ms.timestep(rec.sigma[:-1].to(torch.float32)).float().cpu().reshape(-1)
             hint_u8, note = _hint_at_latent(image, batch, lh * 8, lw * 8)
@@ -450,6 +450,8 @@ class QRControlNetSamplerRL(io.ComfyNode):
                 "steps": int(steps), "denoise": float(denoise), "base_file": ckpt_name,
                 "controlnet_file": control_net_name, "seed": int(seed),
             }
+            if feedback is not None:
+                meta["module_feedback"] = {"source": "latent_preview", **asdict(feedback.feedback)}
             traj = QRTrajectoryData(
                 record=rec, timestep=timestep, strength=torch.tensor(strengths, dtype=torch.float32),
                 cond=_embedding(positive, batch), uncond=_embedding(negative, batch), hint=hint_u8,

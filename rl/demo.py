@@ -108,9 +108,6 @@ class DemoConfig:
         need(self.art_floor_weight >= 0, f"--art-floor-weight must be >= 0, got {self.art_floor_weight}")
         need(self.train_controlnet or self.learn_schedule,
              "nothing to learn: --no-learn-schedule needs --train-controlnet")
-        need(not (self.train_controlnet and self.module_feedback),
-             "--train-controlnet needs --no-module-feedback: shards do not record the feedback's spatial "
-             "strength map, so the trainer could not replay the sampled log-probabilities")
         from .module_feedback import check_feedback
         from .schedule_policy import check_schedule_options
         from .train import check_training_options

@@ -173,6 +173,20 @@ class LatentFeedback:
         self.rgb_bias = None if rgb_bias is None else torch.as_tensor(rgb_bias, dtype=torch.float32)
         self.map: torch.Tensor | None = None
         self.wrong_fraction: list[float] = []
+        self.used: list[torch.Tensor] = []
+
+    def begin_step(self, latents: torch.Tensor) -> None:
+        """Log the map the step about to run on ``latents`` will use (ones before the first
+        observation): :meth:`recorded` gives the trainer what it must replay."""
+        b, _, h, w = latents.shape
+        m = self.map if self.map is not None else torch.ones(b, 1, h, w)
+        self.used.append(m.detach().float().cpu())
+
+    def recorded(self) -> torch.Tensor:
+        """Every step's map, ``[B,K,1,h,w]`` (a shard's ``strength_map``)."""
+        if not self.used:
+            raise QRRLError("module feedback recorded no steps")
+        return torch.stack(self.used, dim=1)
 
     def observe(self, denoised: torch.Tensor, k: int, steps: int) -> None:
         """Build the map for step ``k + 1`` of ``steps`` from step ``k``'s predicted clean latent ``[B,C,h,w]``."""

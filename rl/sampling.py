@@ -270,7 +270,9 @@ class TrajectoryRecord:
     """What :func:`sample_loop` records (CPU, float32, detached copies).
 
     x [B,K+1,...] (x_0 = x_init ... x_K = final); denoised [B,K,...]; log_prob [B,K];
-    sigma [K+1]; std [K]; mean_coef [K]; strength [K] or None; seeds (one per sample).
+    sigma [K+1]; std [K]; mean_coef [K]; strength [K] or None; seeds (one per sample);
+    strength_map [B,K,1,h,w] or None: the module-feedback gain map each step used (set by the
+    caller that applied it, :mod:`rl.module_feedback`; ones where a step had none).
     """
 
     x: torch.Tensor
@@ -283,6 +285,7 @@ class TrajectoryRecord:
     seeds: list[int]
     eta: float
     s_noise: float
+    strength_map: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:

@@ -431,8 +431,10 @@ def sample(
 
         st = table[sl] if per_sample else table[None].expand(len(sd), steps)
         prev: list[torch.Tensor] = []  # the previous step's prediction, for module feedback
+        maps: list[torch.Tensor] = []  # each step's gain map, recorded so the trainer can replay it
 
-        def denoise(x: torch.Tensor, sigma: float, k: int, c=c, u=u, h=h, st=st, sl=sl, prev=prev) -> torch.Tensor:
+        def denoise(x: torch.Tensor, sigma: float, k: int, c=c, u=u, h=h, st=st, sl=sl, prev=prev,
+                    maps=maps) -> torch.Tensor:
             smap = None
             if light is not None and prev:
                 from .module_feedback import strength_map
@@ -442,10 +444,14 @@ def sample(
             d = policy.denoise(x, sigma, timesteps[k], c, u, h, st[:, k], cfg, strength_map=smap)
             if light is not None:
                 prev[:] = [d]
+                maps.append(torch.ones(x.shape[0], 1, world.LATENT_SIZE, world.LATENT_SIZE) if smap is None
+                            else smap.detach().float().cpu())
             return d
 
         x, rec = sample_loop(denoise, x0, sigmas, eta, 1.0, sd, record=record,
                              strengths=None if per_sample else table.tolist())
+        if rec is not None and maps:
+            rec.strength_map = torch.stack(maps, dim=1)  # [b,K,1,h,w]
         xs.append(x)
         recs.append(rec)
     rec_all = _cat_records(recs) if record else None
@@ -461,8 +467,10 @@ def _cat_records(recs: list) -> Any:
     from dataclasses import replace
 
     first = recs[0]
+    maps = None if first.strength_map is None else torch.cat([r.strength_map for r in recs])
     return replace(first, x=torch.cat([r.x for r in recs]), denoised=torch.cat([r.denoised for r in recs]),
-                   log_prob=torch.cat([r.log_prob for r in recs]), seeds=[s for r in recs for s in r.seeds])
+                   log_prob=torch.cat([r.log_prob for r in recs]), seeds=[s for r in recs for s in r.seeds],
+                   strength_map=maps)
 
 
 # --------------------------------------------------------------------------------------------

@@ -184,6 +184,7 @@ class _Sample:
     reward: float
     active: list[int]  # steps with std > 0 and strength > 0
     bucket: tuple  # context shapes: samples in one micro-batch must share them
+    strength_map: torch.Tensor | None = None  # [K,1,h,w]: module feedback's gain map per step
 
 
 def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> tuple[list[_Sample], list, dict]:
@@ -205,10 +206,10 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
     for traj in ds:
         meta = traj.meta
         check_model_patches(meta.get("model_patches") or [], traj.path)
-        if meta.get("module_feedback"):
-            raise QRRLError(f"{traj.path} was sampled with module feedback, whose spatial strength map the shard "
-                            "does not record, so its log-probabilities cannot be replayed; collect without "
-                            "module feedback to train the ControlNet on it")
+        if meta.get("module_feedback") and traj.strength_map is None:
+            raise QRRLError(f"{traj.path} was sampled with module feedback but does not record its gain maps "
+                            "('strength_map'), so its log-probabilities cannot be "
+                            "replayed; collect it again with this version")
         shard_base = meta.get("base_sha256")
         if shard_base is None:
             unknown_base += 1
@@ -224,7 +225,8 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
         step_strength = traj.strength if traj.strength.ndim == 1 else traj.strength.amax(0)
         first = math.ceil(config.steps_from * traj.num_steps - 1e-9)
         active = [k for k in range(first, traj.num_steps) if traj.std[k] > 0 and step_strength[k] > 0]
-        bucket = (tuple(traj.cond.shape[1:]), tuple(traj.uncond.shape[1:]))
+        bucket = (tuple(traj.cond.shape[1:]), tuple(traj.uncond.shape[1:]),
+                  None if traj.strength_map is None else tuple(traj.strength_map.shape[-2:]))
         peak = float(traj.strength.max())
         for s in traj.samples():
             if not s.reward_finite:
@@ -236,7 +238,7 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
                 x=s.x, log_prob=s.log_prob, denoised=s.denoised, sigma=s.sigma, timestep=s.timestep,
                 std=s.std, mean_coef=s.mean_coef, strength=s.strength, cond=s.cond, uncond=s.uncond,
                 hint=s.hint, cfg=float(meta["cfg"]), apply_to_uncond=bool(meta["apply_to_uncond"]),
-                reward=s.reward, active=active, bucket=bucket,
+                reward=s.reward, active=active, bucket=bucket, strength_map=s.strength_map,
             ))
             keys.append(group_key(s.prompt, s.payload, peak))
     if not samples:
@@ -269,7 +271,14 @@ def _batch(samples: list[_Sample], units: Sequence[tuple[int, int]], device) -> 
         return torch.stack([getattr(s, name)[k] for s, k in zip(ss, ks)]).to(device, torch.float32)
 
     strength = col("strength")
+    maps = [s.strength_map for s in ss]
+    known = next((m for m in maps if m is not None), None)
+    gain_map = None
+    if known is not None:  # samples without feedback get gain 1 everywhere
+        gain_map = torch.stack([known[0].new_ones(known[0].shape) if m is None else m[k]
+                                for m, k in zip(maps, ks)]).to(device, torch.float32)
     return {
+        "strength_map": gain_map,
         "x": torch.stack([s.x[k] for s, k in zip(ss, ks)]).to(device, torch.float32),
         "x_next": torch.stack([s.x[k + 1] for s, k in zip(ss, ks)]).to(device, torch.float32),
         "recorded_denoised": torch.stack([s.denoised[k] for s, k in zip(ss, ks)]).to(device, torch.float32),
@@ -286,7 +295,7 @@ def _batch(samples: list[_Sample], units: Sequence[tuple[int, int]], device) -> 
 
 def _denoise(model, b: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(b["x"], b["sigma"], b["timestep"], b["cond"], b["uncond"], b["hint"], b["strength"], b["cfg"],
-                 strength_uncond=b["strength_uncond"])
+                 strength_uncond=b["strength_uncond"], strength_map=b["strength_map"])
 
 
 def _log_prob(b: dict[str, torch.Tensor], denoised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -500,7 +509,8 @@ def train(config: TrainConfig, log=None) -> TrainResult:
                 b = _batch(samples, sub, device)
                 with accelerator.autocast():
                     d = policy(b["x"], b["sigma"], b["timestep"], b["cond"], b["uncond"], b["hint"],
-                               b["strength"], b["cfg"], strength_uncond=b["strength_uncond"])
+                               b["strength"], b["cfg"], strength_uncond=b["strength_uncond"],
+                               strength_map=b["strength_map"])
                 lp, mean = _log_prob(b, d)
                 lp_drift.append((lp - b["recorded_log_prob"]).abs().cpu())
                 d_drift.append((d.float() - b["recorded_denoised"]).abs().flatten(1).max(1).values.cpu())

@@ -25,6 +25,9 @@ name                   shape                 dtype
 ``hint``               [B,3,8H,8W]           uint8 (the [0,1] hint image × 255)
 ``reward``             [B]                   float32 / float64 (NaN/inf allowed, flagged)
 ``reward.<name>``      [B]                   float32 / float64
+``strength_map``       [B,K,1,h,w]           float32, optional: module feedback's per-position gain
+                                             at each step (:mod:`rl.module_feedback`), ones where a
+                                             step had none; the trainer multiplies the strength by it
 =====================  ====================  =========================================
 
 Metadata: safetensors metadata is ``str → str``; every value is stored as a JSON string
@@ -180,6 +183,7 @@ class Trajectory:
     reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    strength_map: torch.Tensor | None = None
 
     # ---- shape helpers
     @property
@@ -244,6 +248,7 @@ class Trajectory:
             strength=_strength_table(rec_strength, batch),
             cond=cond.detach().cpu(), uncond=uncond.detach().cpu(), hint=hint_to_uint8(hint),
             reward=total, reward_components=comps, meta=full_meta,
+            strength_map=getattr(record, "strength_map", None),
         )
 
     # ---- validation
@@ -270,6 +275,12 @@ class Trajectory:
         }
         if tensors["strength"].ndim == 2:  # one schedule per sample
             expected["strength"] = (b, k)
+        if "strength_map" in tensors:
+            m = tensors["strength_map"]
+            if m.ndim != 5 or tuple(m.shape[:3]) != (b, k, 1):
+                fail(f"'strength_map' must be [B={b},K={k},1,h,w], got shape {tuple(m.shape)}")
+            if (m < 0).any():
+                fail("'strength_map' must be >= 0")
         for name, shape in expected.items():
             if tuple(tensors[name].shape) != shape:
                 fail(f"{name!r} has shape {tuple(tensors[name].shape)}, expected {shape} "
@@ -280,7 +291,7 @@ class Trajectory:
                 fail(f"{name!r} must be [B={b},L,D], got shape {tuple(t.shape)}")
         if self.cond.shape[2] != self.uncond.shape[2]:
             fail(f"cond width {self.cond.shape[2]} != uncond width {self.uncond.shape[2]}")
-        for name in _FLOAT_TENSORS:
+        for name in (*_FLOAT_TENSORS, *(("strength_map",) if "strength_map" in tensors else ())):
             if tensors[name].dtype != torch.float32:
                 fail(f"{name!r} must be float32, got {tensors[name].dtype}")
             if not bool(torch.isfinite(tensors[name]).all()):
@@ -363,6 +374,8 @@ class Trajectory:
             "reward": self.reward,
         }
         out.update({f"reward.{name}": t for name, t in self.reward_components.items()})
+        if self.strength_map is not None:
+            out["strength_map"] = self.strength_map
         return out
 
     def samples(self) -> Iterator[TrajectorySample]:
@@ -378,6 +391,7 @@ class Trajectory:
                 components={n: float(t[i]) for n, t in self.reward_components.items()},
                 seed=int(meta["seeds"][i]), prompt=str(meta["prompts"][i]), payload=str(meta["payloads"][i]),
                 qr=dict(meta["qr"][i]), shard_meta=meta, path=self.path, index=i,
+                strength_map=None if self.strength_map is None else self.strength_map[i],
             )
 
 
@@ -413,6 +427,7 @@ class TrajectorySample:
     shard_meta: Mapping[str, Any]
     path: Path | None
     index: int
+    strength_map: torch.Tensor | None = None  # [K,1,h,w] (module feedback) or None
 
     @property
     def reward_finite(self) -> bool:
@@ -526,6 +541,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], tmp: Pa
 
 _REQUIRED_TENSORS = ("x", "denoised", "log_prob", "sigma", "timestep", "std", "mean_coef", "strength",
                      "cond", "uncond", "hint", "reward")
+_OPTIONAL_TENSORS = ("strength_map",)
 
 
 def read_shard(path: str | os.PathLike[str]) -> Trajectory:
@@ -554,11 +570,12 @@ def read_shard(path: str | os.PathLike[str]) -> Trajectory:
         raise
     except Exception as e:  # safetensors raises its own error type for truncated/garbage files
         raise ShardError(f"{p}: not a readable safetensors file ({e})") from None
-    unknown = [n for n in tensors if n not in _REQUIRED_TENSORS and not n.startswith("reward.")]
+    unknown = [n for n in tensors if n not in (*_REQUIRED_TENSORS, *_OPTIONAL_TENSORS) and not n.startswith("reward.")]
     if unknown:
         raise ShardError(f"{p}: unexpected tensors {unknown} for schema version {SCHEMA_VERSION}")
     comps = {n[len("reward."):]: t for n, t in tensors.items() if n.startswith("reward.")}
-    traj = Trajectory(**{n: tensors[n] for n in _REQUIRED_TENSORS}, reward_components=comps, meta=meta, path=p)
+    traj = Trajectory(**{n: tensors[n] for n in _REQUIRED_TENSORS}, reward_components=comps, meta=meta, path=p,
+                      strength_map=tensors.get("strength_map"))
     return traj.validate()
 
 

@@ -212,11 +212,33 @@ def test_module_feedback_scales_the_controlnet_per_module(comfy_server):
     assert np.abs(plain - fed).mean() > 0.5, "feedback gains 0.2 / 4 changed nothing"
 
 
-def test_module_feedback_refuses_record_and_a_foreign_code(comfy_server):
-    wf = tiny_collect(seed=42, steps=2)
+def test_module_feedback_is_recorded_and_the_trainer_replays_it(comfy_server, tiny_sd_files, tmp_path):
+    from rl.train import TrainConfig, train
+
+    wf = tiny_collect(batch=2, steps=4, seed=42, run_name="t-feedback", feedback_low=0.2, feedback_high=4.0)
+    set_inputs(wf, "RL Sampler", qr_code=[node_id(wf, "QR Payload"), 2])
+    traj, _ = _run_shard(comfy_server, wf)
+    maps = traj.strength_map
+    assert maps is not None and maps.shape == (2, 4, 1, 8, 8)  # one map per step, at latent size
+    assert bool((maps[:, 0] == 1).all()) and float((maps[:, 1:] - 1).abs().max()) > 0.5
+    assert traj.meta["module_feedback"]["source"] == "latent_preview"
+    assert traj.meta["module_feedback"]["high"] == 4.0
+    # the trainer (diffusers) recomputes what ComfyUI sampled, gain maps included
+    res = train(TrainConfig(trajectories=[str(traj.path)], checkpoint=tiny_sd_files.checkpoint,
+                            controlnet=tiny_sd_files.controlnet, out=tmp_path / "cn.safetensors",
+                            unet_config=tiny_sd_files.config_dir / "unet",
+                            controlnet_config=tiny_sd_files.config_dir / "controlnet", epochs=1, cpu=True,
+                            progress=False), log=lambda m: None)
+    assert res.data["logp_drift_max_abs"] < 1e-2, res.data
+    # without the maps the same steps do not replay: the map is what made them
+    plain = tiny_collect(batch=2, steps=4, seed=42, run_name="t-nofeedback")
+    ref, _ = _run_shard(comfy_server, plain)
+    assert float((ref.x[:, -1] - traj.x[:, -1]).abs().max()) > 1e-3
+
+
+def test_module_feedback_refuses_a_foreign_code(comfy_server):
+    wf = tiny_collect(seed=43, steps=2)
     qr = node_id(wf, "QR Payload")
-    set_inputs(wf, "RL Sampler", qr_code=[qr, 2])
-    _refusal(comfy_server, wf, "module feedback .* cannot be recorded")
     wf = tiny_collect(seed=43, steps=2, record=False)
     del wf[node_id(wf, "Recorder")]
     wf["94"] = {"class_type": "QRCodeEncode", "inputs": {**wf[qr]["inputs"], "payload": "another payload entirely"}}

@@ -56,12 +56,19 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     assert node["node"] == "QRControlNetSamplerRL" and node["inputs"]["keyframes"] == sched["keyframes"]
     assert node["inputs"]["feedback_low"] == pytest.approx(fb["low"], abs=1e-4) and node["inputs"]["feedback_ramp"] == 1.0
     assert rounds[-1]["feedback_gains"] == pytest.approx([fb["low"], fb["high"]], abs=1e-4)
-    # ... and the ControlNet trainer refuses those shards: it could not replay the spatial strength
+    # ... each step's gain map is recorded (ones on step 1, which has no prediction yet) ...
+    maps = shard.strength_map
+    assert maps is not None and maps.shape[:3] == (shard.batch_size, model.steps, 1)
+    assert bool((maps[:, 0] == 1).all()) and float((maps[:, 1:] - 1).abs().max()) > 0.1
+    # ... and the trainer refuses a feedback shard without its maps: it could not replay them
     from rl.errors import QRRLError
     from rl.train import TrainConfig, train
+    from rl.trajectory import write_shard
 
-    with pytest.raises(QRRLError, match="module feedback"):
-        train(TrainConfig(trajectories=[str(out / "rounds")], checkpoint=model.unet_path,
+    shard.strength_map = None
+    write_shard(shard, tmp_path / "mapless", "old")
+    with pytest.raises(QRRLError, match="does not record its gain maps"):
+        train(TrainConfig(trajectories=[str(tmp_path / "mapless")], checkpoint=model.unet_path,
                           controlnet=model.controlnet_path, out=tmp_path / "cn.safetensors",
                           unet_config=model.unet_config_path, controlnet_config=model.controlnet_config_path,
                           mode="zero_convs", cpu=True, progress=False), log=lambda m: None)
@@ -96,11 +103,13 @@ def test_bad_trainer_options_are_refused_before_any_sampling(tmp_path):
 
 def test_schedule_only_and_plain_runs(tmp_path):
     """--no-module-feedback learns only the curve (the ControlNet stays the pretrained one);
-    --no-learn-schedule --train-controlnet is the constant-strength DDPO of earlier versions."""
+    --no-learn-schedule --train-controlnet is constant-strength DDPO, here with module feedback,
+    whose recorded gain maps the trainer replays exactly."""
     from rl.cli import main
     from rl.demo import DemoConfig
     from rl.errors import QRRLError
     from rl.toy import ToyModel
+    from rl.trajectory import read_shard
 
     out = tmp_path / "sched"
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(out),
@@ -114,9 +123,10 @@ def test_schedule_only_and_plain_runs(tmp_path):
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(plain),
                  "--no-progress", "--no-learn-schedule", "--train-controlnet", "--art-floor", "0"]) == 0
     summary = json.loads((plain / "summary.json").read_text())
-    assert summary["trained_controlnet"] and summary["module_feedback"] is None  # --train-controlnet turns it off
+    assert summary["trained_controlnet"] and summary["module_feedback"]["ramp"] == 1.0
     row = json.loads((plain / "rounds.jsonl").read_text().splitlines()[0])
-    assert row["logp_drift_max_abs"] < 1e-3  # the trainer recomputes exactly what was sampled
+    assert read_shard(row["shard"]).strength_map is not None
+    assert row["logp_drift_max_abs"] < 1e-3  # the trainer recomputes exactly what was sampled, maps included
     assert summary["schedule"] is None and summary["art_floor"] is None and not (plain / "schedule.json").exists()
     hinge = tmp_path / "hinge"  # --art-price-lr 0: the per-sample hinge instead of the priced mean
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(hinge),
@@ -131,8 +141,6 @@ def test_schedule_only_and_plain_runs(tmp_path):
         DemoConfig(out=tmp_path, art_price_lr=-1.0).validate()
     with pytest.raises(QRRLError, match="steps-from"):
         DemoConfig(out=tmp_path, train_controlnet=True, module_feedback=False, steps_from=1.0).validate()
-    with pytest.raises(QRRLError, match="needs --no-module-feedback"):
-        DemoConfig(out=tmp_path, train_controlnet=True).validate()
     with pytest.raises(QRRLError, match="average-last"):
         DemoConfig(out=tmp_path, average_last=0.0).validate()
     with pytest.raises(QRRLError, match="gains must be >= 0"):

@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="keep the strength constant per step instead of learning the per-step strength curve")
     p.add_argument("--train-controlnet", dest="train_controlnet", action="store_true", default=None,
                    help="also fine-tune the ControlNet's weights with DDPO on each round's shards (on the toy "
-                   "this costs art: docs/demo.md); turns module feedback off, whose maps shards do not record")
+                   "this costs art: docs/demo.md); the shards record module feedback's gain maps, so the trainer "
+                   "replays them")
     p.add_argument("--no-train-controlnet", dest="train_controlnet", action="store_false",
                    help="learn only the strength curve and the module feedback (the default)")
     p.add_argument("--no-module-feedback", dest="module_feedback", action="store_false", default=None,
@@ -92,8 +93,6 @@ def run(args: argparse.Namespace) -> int:
              "learn_schedule", "train_controlnet", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_price_lr", "steps_from", "average_last",
              "module_feedback", "feedback_low", "feedback_high", "feedback_margin", "feedback_ramp")
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    if kw.get("train_controlnet") and "module_feedback" not in kw:
-        kw["module_feedback"] = False  # the trainer cannot replay feedback maps (DemoConfig.validate)
     kw["progress"] = not args.no_progress
     cfg = DemoConfig.quick(args.out, **kw) if args.quick else DemoConfig(out=args.out, **kw)
     run_demo(cfg)
