@@ -240,7 +240,7 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
             "curve": "constant", "strength_start": strength, "strength_end": strength,
             "start_percent": 0.0, "end_percent": 1.0, "keyframes": [], "step_at": 0.5},
         "schedule_exploration": None if schedule is None else schedule.to_dict(strength),
-        # the trainer refuses these shards: the spatial strength map is not recorded
+        # each sample's gains; the per-step gain maps themselves are the shard's strength_map
         "module_feedback": None if feedback is None else {
             "margin": feedback.margin, "softness": feedback.softness, "ramp": feedback.ramp,
             "gains": (torch.tensor([feedback.gains()] * len(prompts)) if gains is None else gains).tolist()},
