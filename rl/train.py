@@ -271,12 +271,9 @@ def _batch(samples: list[_Sample], units: Sequence[tuple[int, int]], device) -> 
         return torch.stack([getattr(s, name)[k] for s, k in zip(ss, ks)]).to(device, torch.float32)
 
     strength = col("strength")
-    maps = [s.strength_map for s in ss]
-    known = next((m for m in maps if m is not None), None)
-    gain_map = None
-    if known is not None:  # samples without feedback get gain 1 everywhere
-        gain_map = torch.stack([known[0].new_ones(known[0].shape) if m is None else m[k]
-                                for m, k in zip(maps, ks)]).to(device, torch.float32)
+    # one micro-batch is one bucket, and the bucket includes the map size: all samples have maps or none
+    gain_map = None if ss[0].strength_map is None else torch.stack(
+        [s.strength_map[k] for s, k in zip(ss, ks)]).to(device, torch.float32)
     return {
         "strength_map": gain_map,
         "x": torch.stack([s.x[k] for s, k in zip(ss, ks)]).to(device, torch.float32),
