@@ -20,9 +20,9 @@ same fixed evaluation set (``rl.toy.eval_prompts_codes``):
                    starting gains (rl.module_feedback), nothing learned: what RL starts from;
   (h) curve only   as (b) without module feedback (the demo before module feedback).
 
-The RL arms run the demo's defaults: the learned per-step strength curve
-(rl.schedule_policy) and module-feedback gains, with the art budget (rl.art_budget: a
-Lagrange-priced floor on each round's mean art similarity). The "mean strength" column is the ControlNet
+The RL arms run the demo's defaults: the learned strength curve (rl.schedule_policy: a level
+and a tilt over the steps) and module-feedback gains, with the art budget (rl.art_budget: a
+PI-priced floor on each round's mean art similarity). The "mean strength" column is the ControlNet
 strength averaged over the sampling steps at evaluation.
 
 Prints decode rate, module accuracy and art similarity as mean ± std over seeds, and writes

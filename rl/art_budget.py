@@ -14,6 +14,13 @@ Paired floors: the demo gives each sample the floor ``0.95 × the art of the pre
 ControlNet for the same prompt, payload and seed``. A round's mean art moves by ±0.03 with its
 random prompts alone, and a price chasing that noise swung the policy back and forth (seed 0,
 module feedback: price 0 → 38 → 22, round art 0.78–0.87); the paired gap cancels the prompts.
+
+A proportional term (``kp``, PI control): the price is ``max(0, I + kp·gap)`` with the integral
+``I ← max(0, I + lr·gap)``. Why: on the toy with ten per-step gains and a pure integral
+(lr 400), the price wound up to 38 while the gains took rounds to follow, then sat at 0 for
+four rounds while they recovered (equilibrium is about 5): the runs circled the budget with a
+period of about ten rounds and under-spent it on average. The proportional term answers this
+round's overspend at once and lets the integral be slow.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ class ArtBudget:
     """A floor on the mean art similarity and its current price λ (reward per unit of similarity)."""
 
     floor: float
-    lr: float = 100.0
-    price: float = 0.0
+    lr: float = 100.0  # integral gain: price units per unit of mean-art shortfall, per round
+    price: float = 0.0  # the current price, what reward() charges
+    kp: float = 0.0  # proportional gain on the last round's shortfall
+    integral: float | None = None  # the integral part; None = start from ``price``
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.floor):
@@ -42,6 +51,10 @@ class ArtBudget:
             raise ValueError(f"art price lr must be >= 0, got {self.lr}")
         if not (self.price >= 0 and math.isfinite(self.price)):
             raise ValueError(f"art price must be >= 0, got {self.price}")
+        if not (self.kp >= 0 and math.isfinite(self.kp)):
+            raise ValueError(f"art price kp must be >= 0, got {self.kp}")
+        if self.integral is None:
+            self.integral = self.price
 
     def reward(self, art: np.ndarray | Sequence[float], name: str = "art_margin",
                floors: np.ndarray | Sequence[float] | None = None) -> Reward:
@@ -58,10 +71,74 @@ class ArtBudget:
         return Reward(total=self.price * margin, components={name: margin}, details=[{} for _ in margin])
 
     def update(self, mean_art: float, floor: float | None = None) -> dict[str, float]:
-        """One dual step on a round's mean art (against ``floor``, default ``self.floor``: pass the
-        round's mean paired floor); returns the new price and the gap it acted on."""
+        """One dual (PI) step on a round's mean art (against ``floor``, default ``self.floor``: pass
+        the round's mean paired floor); returns the new price and the gap it acted on."""
         if not math.isfinite(mean_art):
             raise ValueError(f"mean art similarity must be finite, got {mean_art}")
         gap = (self.floor if floor is None else float(floor)) - float(mean_art)
-        self.price = max(0.0, self.price + self.lr * gap)
+        self.integral = max(0.0, float(self.integral) + self.lr * gap)
+        self.price = max(0.0, self.integral + self.kp * gap)
         return {"art_price": self.price, "art_gap": gap}
+
+
+@dataclass
+class LevelBudget(ArtBudget):
+    """Hold the mean art on its floor with the strength curve's *level*, and price art for the
+    rest of the policy at the rate the level trades it for decode.
+
+    Why: a price that the policy has to learn to answer leaves two learned quantities chasing
+    each other. On the toy, with the level and tilt learned by PGPE under a PI price, one seed's
+    round decode swung 47% → 97% → 23% within 16 rounds. The constraint is one number and the
+    level is the one knob that moves art most directly, so the level is set by the constraint:
+    a damped Newton step ``Δ log-level = −gain · gap / (∂art/∂log-level)`` per round, with the
+    round's paired gap. What the level cannot say is where else art is better spent; that is
+    the price, and at the optimum every knob trades decode for art at the same rate (KKT), so
+    the price is the level's own rate ``(∂decode/∂log-level) / −(∂art/∂log-level)`` (less the
+    reward's fixed art weight). Both slopes are regressions of each sample's decode and art
+    margin on its level offset δ, smoothed across rounds.
+    """
+
+    gain: float = 0.7  # fraction of the Newton step toward the floor per round
+    max_step: float = 0.2  # bound on |Δ log-level| per round
+    art_slope: float = -0.14  # ∂ art / ∂ log-level: a prior (the toy's dial near 0.5), then estimated
+    decode_slope: float = 0.5  # ∂ decode rate / ∂ log-level: a prior, then estimated
+    memory: float = 0.5  # weight the estimates keep from earlier rounds
+    art_weight: float = 0.0  # the reward's fixed art weight: the price adds only what it lacks
+    max_price: float = 50.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("gain", "max_step", "memory"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and 0 <= v <= (1 if name == "memory" else 10)):
+                raise ValueError(f"level budget {name} out of range: {v}")
+        if not self.art_slope < 0:
+            raise ValueError(f"art must fall as the level rises: art_slope {self.art_slope} is not < 0")
+        self.price = self._price()
+
+    def _price(self) -> float:
+        return float(min(self.max_price, max(0.0, self.decode_slope / -self.art_slope - self.art_weight)))
+
+    def observe(self, level_delta: np.ndarray | Sequence[float], margins: np.ndarray | Sequence[float],
+                decoded: np.ndarray | Sequence[float]) -> dict[str, float]:
+        """Learn the slopes from a round (each sample's level offset, art − its floor, decoded 0/1),
+        set the price, and return the level step that moves the mean margin to 0."""
+        d = np.asarray(level_delta, dtype=np.float64).reshape(-1)
+        m = np.asarray(margins, dtype=np.float64).reshape(-1)
+        y = np.asarray(decoded, dtype=np.float64).reshape(-1)
+        if not (d.shape == m.shape == y.shape) or d.size < 2:
+            raise ValueError(f"need one level offset, margin and decode per sample, got {d.size}, {m.size}, {y.size}")
+        if not (np.isfinite(d).all() and np.isfinite(m).all() and np.isfinite(y).all()):
+            raise ValueError("level offsets, margins and decodes must be finite")
+        dc = d - d.mean()
+        var = float((dc * dc).sum())
+        if var > 0:
+            art = float((dc * (m - m.mean())).sum() / var)
+            dec = float((dc * (y - y.mean())).sum() / var)
+            self.art_slope = min(-0.02, self.memory * self.art_slope + (1 - self.memory) * art)
+            self.decode_slope = max(0.0, self.memory * self.decode_slope + (1 - self.memory) * dec)
+        gap = float(m.mean())  # > 0: inside the budget, room to spend
+        step = float(np.clip(-self.gain * gap / self.art_slope, -self.max_step, self.max_step))
+        self.price = self._price()
+        return {"level_step": step, "art_price": self.price, "art_gap": -gap, "art_slope": self.art_slope,
+                "decode_slope": self.decode_slope}

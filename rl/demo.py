@@ -57,7 +57,8 @@ class DemoConfig:
     anchor_decay: float = 0.0  # per-step pull toward the pretrained ControlNet (rl.anchor)
     train_controlnet: bool = False  # DDPO on the ControlNet's weights too (on the toy it costs art: docs/demo.md)
     learn_schedule: bool = True  # learn the per-step strength curve too (rl.schedule_policy, docs/demo.md)
-    schedule_sigma: float = 0.2  # log-gain exploration per step
+    schedule_shape: str = "level_slope"  # what the curve learns: level_slope (2 numbers) | level | per_step (rl.schedule_policy)
+    schedule_sigma: float = 0.2  # log-gain exploration per learned number
     schedule_lr: float = 2.0  # natural-gradient step of the schedule's mean log-gain
     module_feedback: bool = True  # spatial strength from each step's prediction (rl.module_feedback)
     feedback_low: float = 0.8  # starting gain on modules already right (learned with the curve)
@@ -67,7 +68,9 @@ class DemoConfig:
     feedback_ramp: float = 1.0  # the wrong-module push grows over the run (ModuleFeedback.contrast)
     art_floor: float = 0.95  # the art budget's floor, a fraction of the pretrained ControlNet's art (0 = off)
     art_floor_weight: float = 10.0  # per-sample hinge slope, used when art_price_lr = 0
-    art_price_lr: float = 400.0  # > 0: the floor holds the *mean* art, priced by a Lagrange multiplier (rl.art_budget)
+    art_budget: str = "level"  # "level": the curve's level holds the budget (rl.art_budget.LevelBudget) | "price": PI price
+    art_price_lr: float = 100.0  # > 0: the floor holds the *mean* art, priced by a Lagrange multiplier (rl.art_budget)
+    art_price_kp: float = 500.0  # the price's proportional term (rl.art_budget: why)
     average_last: float = 0.25  # the result averages the learned curve and gains over this fraction of the last rounds
     epochs: int = 1
     clip_range: float = 0.2
@@ -104,16 +107,20 @@ class DemoConfig:
              f"unknown --curriculum {self.curriculum!r}: use none, linear, cosine, exponential or adaptive")
         need(0 <= self.art_floor < 1, f"--art-floor must be in [0, 1) (a fraction of the pretrained art similarity), got {self.art_floor}")
         need(self.art_price_lr >= 0, f"--art-price-lr must be >= 0, got {self.art_price_lr}")
+        need(self.art_budget in ("level", "price"), f"unknown --art-budget {self.art_budget!r}: use level or price")
+        need(self.art_price_kp >= 0, f"--art-price-kp must be >= 0, got {self.art_price_kp}")
         need(0 < self.average_last <= 1, f"--average-last must be in (0, 1] (a fraction of the rounds), got {self.average_last}")
         need(self.art_floor_weight >= 0, f"--art-floor-weight must be >= 0, got {self.art_floor_weight}")
         need(self.train_controlnet or self.learn_schedule,
              "nothing to learn: --no-learn-schedule needs --train-controlnet")
         from .module_feedback import check_feedback
-        from .schedule_policy import check_schedule_options
+        from .schedule_policy import SHAPES, check_schedule_options
         from .train import check_training_options
 
         check_training_options(self.mode, self.step_weighting, self.anchor_decay, self.steps_from)
         check_schedule_options(self.schedule_sigma, self.schedule_lr)
+        need(self.schedule_shape in SHAPES,
+             f"unknown --schedule-shape {self.schedule_shape!r}: use {', '.join(SHAPES)}")
         check_feedback(self.feedback_low, self.feedback_high, self.feedback_margin, self.feedback_softness,
                        self.feedback_ramp)
 
@@ -257,7 +264,8 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
         from .ddpo import compute_advantages, group_key
 
         keys = [group_key(p, q, float(strength)) for p, q in zip(prompts, payloads)]
-        exploration = {"delta": delta, "feedback_delta": fb_delta,
+        exploration = {"delta": delta, "feedback_delta": fb_delta, "decoded": comp["decoded"],
+                       "margin": None if floors is None else comp["clip_image"] - floors,
                        "advantages": compute_advantages(reward.total, keys, min_group_size=cfg.group_size)}
         row["mean_strength"] = float(torch.as_tensor(strengths).mean())
     return row | {
@@ -357,12 +365,23 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     say(f"before RL at strength {low}: decode {before['decode_rate']:.0%}, module accuracy "
         f"{before['module_accuracy']:.3f}, art {before['art_similarity']:.3f}")
     art_floor, budget = None, None
-    if cfg.art_floor > 0 and cfg.art_price_lr > 0:
-        from .art_budget import ArtBudget
+    level_budget = (cfg.art_budget == "level" and cfg.learn_schedule and cfg.schedule_shape != "per_step"
+                    and cfg.art_floor > 0)
+    if level_budget:
+        from .art_budget import LevelBudget
 
         say(f"art budget: each round's mean art similarity >= {cfg.art_floor:g} × the pretrained ControlNet's at "
+            f"{low} on the same prompts and seeds, held by the strength curve's level")
+        budget = LevelBudget(floor=cfg.art_floor * reference_art(model, low, cfg, scorer), art_weight=cfg.clip_weight)
+    elif cfg.art_floor > 0 and cfg.art_price_lr > 0:
+        from .art_budget import ArtBudget
+
+        if cfg.art_budget == "level":
+            say("art budget: no learned curve level to hold it (per-step curve or no curve), so it is priced instead")
+        say(f"art budget: each round's mean art similarity >= {cfg.art_floor:g} × the pretrained ControlNet's at "
             f"{low} on the same prompts and seeds, priced")
-        budget = ArtBudget(floor=cfg.art_floor * reference_art(model, low, cfg, scorer), lr=cfg.art_price_lr)
+        budget = ArtBudget(floor=cfg.art_floor * reference_art(model, low, cfg, scorer), lr=cfg.art_price_lr,
+                           kp=cfg.art_price_kp)
     elif cfg.art_floor > 0:
         ref = reference_art(model, low, cfg, scorer)
         art_floor = cfg.art_floor * ref
@@ -372,7 +391,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     if cfg.learn_schedule:
         from .schedule_policy import SchedulePolicy
 
-        schedule = SchedulePolicy(model.steps, sigma=cfg.schedule_sigma, lr=cfg.schedule_lr)
+        schedule = SchedulePolicy(model.steps, sigma=cfg.schedule_sigma, lr=cfg.schedule_lr, shape=cfg.schedule_shape)
         if cfg.module_feedback:  # (low, high) learned the same way as the curve
             feedback_gains = SchedulePolicy(2, sigma=cfg.schedule_sigma, lr=cfg.schedule_lr, max_strength=10.0)
 
@@ -406,14 +425,20 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
             controlnet = load_controlnet(cn_path, model.controlnet_config_path).requires_grad_(False)
         if schedule is not None and exploration is not None:
             adv = exploration["advantages"]
-            row.update(schedule.update(exploration["delta"], adv.values, adv.mask))
+            learn = None
+            if level_budget:  # the level follows the budget; PGPE learns the tilt (and the gains below)
+                learn = [False] + [True] * (schedule.dims - 1)
+                level = budget.observe(exploration["delta"][:, 0].numpy(), exploration["margin"], exploration["decoded"])
+                schedule.shift_level(level["level_step"])
+                row.update(level)
+            row.update(schedule.update(exploration["delta"], adv.values, adv.mask, learn=learn))
             row["schedule_gains"] = [round(float(g), 4) for g in schedule.gains()]
             curve_means.append(schedule.log_gain.clone())
             if feedback_gains is not None:
                 feedback_gains.update(exploration["feedback_delta"], adv.values, adv.mask)
                 feedback_means.append(feedback_gains.log_gain.clone())
                 row["feedback_gains"] = [round(float(g), 4) for g in learned_feedback(cfg, feedback_gains).gains()]
-        if budget is not None:
+        if budget is not None and not level_budget:
             row.update(budget.update(row["art_similarity"], row["art_floor"]))
         row["train_s"] = round(time.perf_counter() - t0, 1)
         rounds.append(row)

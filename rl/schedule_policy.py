@@ -16,6 +16,13 @@ in the shard). The mean ``μ`` moves along the natural gradient of the Gaussian,
 are only K numbers to learn, and the noise is exactly where the effect is, so 64 samples a
 round are plenty.
 
+Shapes (``shape``): ``"per_step"`` explores and learns each step's log-gain on its own (K
+numbers); ``"level_slope"`` learns two, a level and a tilt from the first step to the last
+(``log-gain_k = a + b·(2p_k − 1)``, ``p_k = k/(K−1)``). Why two: PGPE's noise per learned
+number is ``lr·σ/√n`` whatever their count, but a per-step number only sees a tenth of the
+curve's effect. On the toy benchmark the ten per-step gains ended as noise (0.35–0.64 around
+0.5, no two seeds alike) and the runs landed below the flat curve they started from.
+
 The learned schedule is a plain strength curve. :meth:`keyframes` writes it in the format the
 ``QR Scheduled ControlNet Apply`` node's ``keyframes`` curve takes, so it applies to any
 ComfyUI graph.
@@ -46,13 +53,16 @@ class SchedulePolicy:
     sigma: float = 0.2
     lr: float = 1.0
     max_strength: float = 3.0  # strengths are clamped to [0, max_strength]
-    log_gain: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    log_gain: torch.Tensor = field(default=None)  # type: ignore[assignment]  # the mean log-gain per step [K]
     updates: int = 0
+    shape: str = "per_step"  # "per_step" (K numbers) | "level_slope" (2: level and tilt) | "level" (1)
 
     def __post_init__(self) -> None:
         check_schedule_options(self.sigma, self.lr)
         if self.steps < 1:
             raise QRRLError(f"a strength schedule needs at least one step, got {self.steps}")
+        if self.shape not in SHAPES:
+            raise QRRLError(f"unknown schedule shape {self.shape!r}: use {', '.join(SHAPES)}")
         if self.log_gain is None:
             self.log_gain = torch.zeros(self.steps)
         self.log_gain = torch.as_tensor(self.log_gain, dtype=torch.float32).reshape(-1).clone()
@@ -74,7 +84,23 @@ class SchedulePolicy:
         if stacked.shape[1] != self.steps:
             raise QRRLError(f"log-gains have {stacked.shape[1]} values for {self.steps} steps")
         return SchedulePolicy(self.steps, sigma=self.sigma, lr=self.lr, max_strength=self.max_strength,
-                              log_gain=stacked.mean(0), updates=self.updates)
+                              log_gain=stacked.mean(0), updates=self.updates, shape=self.shape)
+
+    def basis(self) -> torch.Tensor:
+        """How the explored and learned numbers map onto the per-step log-gains: ``[K, d]``."""
+        k = self.steps
+        if self.shape == "per_step":
+            return torch.eye(k)
+        level = torch.ones(k, 1)
+        if self.shape == "level":
+            return level
+        tilt = torch.linspace(-1.0, 1.0, k)[:, None] if k > 1 else torch.zeros(1, 1)
+        return torch.cat([level, tilt], 1)
+
+    @property
+    def dims(self) -> int:
+        """How many numbers the policy explores and learns (``d``)."""
+        return self.basis().shape[1]
 
     def gains(self) -> torch.Tensor:
         """The mean schedule's multiplier per step, ``exp(μ)`` [K]."""
@@ -85,28 +111,43 @@ class SchedulePolicy:
         return (torch.as_tensor(base, dtype=torch.float32) * self.gains()).clamp(0.0, self.max_strength)
 
     def draw(self, n: int, base: float | Sequence[float], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` exploring schedules: (strengths [n,K], their log-gain offsets δ [n,K])."""
-        delta = torch.from_numpy(rng.normal(0.0, self.sigma, (n, self.steps))).float()
-        strengths = torch.as_tensor(base, dtype=torch.float32) * (self.log_gain[None] + delta).exp()
+        """``n`` exploring schedules: (strengths [n,K], their offsets δ [n,d] in the learned numbers;
+        ``d = K`` for the per-step shape, where δ is each step's log-gain offset)."""
+        delta = torch.from_numpy(rng.normal(0.0, self.sigma, (n, self.dims))).float()
+        strengths = torch.as_tensor(base, dtype=torch.float32) * (self.log_gain[None] + delta @ self.basis().T).exp()
         return strengths.clamp(0.0, self.max_strength), delta
 
-    def update(self, delta: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
+    def update(self, delta: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None = None,
+               learn: Sequence[bool] | None = None) -> dict[str, float]:
         """One natural-gradient step of ``μ`` from the drawn offsets and their advantages.
 
         ``Δμ = lr · Σ A_i δ_i / n`` over the samples in ``mask``: the Gaussian policy's gradient
         ``Σ A δ / σ²`` times its inverse Fisher ``σ²``, so the step does not blow up as σ shrinks.
+        ``learn`` (one flag per learned number) leaves the unflagged ones where they are: the
+        demo sets the level from the art budget instead (:class:`rl.art_budget.LevelBudget`).
         """
         adv = torch.as_tensor(advantages, dtype=torch.float32).reshape(-1)
-        if delta.shape != (adv.numel(), self.steps):
-            raise QRRLError(f"delta must be [{adv.numel()}, {self.steps}], got {tuple(delta.shape)}")
+        if delta.shape != (adv.numel(), self.dims):
+            raise QRRLError(f"delta must be [{adv.numel()}, {self.dims}], got {tuple(delta.shape)}")
         m = torch.ones_like(adv) if mask is None else torch.as_tensor(mask, dtype=torch.float32).reshape(-1)
         n = float(m.sum())
         if n == 0:
             return {"schedule_step": 0.0, "schedule_mean_gain": float(self.gains().mean())}
-        step = self.lr * ((adv * m)[:, None] * delta).sum(0) / n
+        theta_step = self.lr * ((adv * m)[:, None] * delta).sum(0) / n
+        if learn is not None:
+            if len(learn) != self.dims:
+                raise QRRLError(f"learn needs one flag per learned number ({self.dims}), got {len(learn)}")
+            theta_step = theta_step * torch.tensor([float(bool(f)) for f in learn])
+        step = self.basis() @ theta_step
         self.log_gain = self.log_gain + step
         self.updates += 1
         return {"schedule_step": float(step.abs().max()), "schedule_mean_gain": float(self.gains().mean())}
+
+    def shift_level(self, step: float) -> None:
+        """Add ``step`` to every step's log-gain (scale the whole curve by ``exp(step)``)."""
+        if not math.isfinite(step):
+            raise QRRLError(f"level step must be finite, got {step}")
+        self.log_gain = self.log_gain + float(step)
 
     # ---- export / persistence
     def keyframes(self, base: float, positions: Sequence[float] | None = None) -> str:
@@ -127,7 +168,8 @@ class SchedulePolicy:
 
     def to_dict(self, base: float | None = None, positions: Sequence[float] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"steps": self.steps, "sigma": self.sigma, "lr": self.lr, "max_strength": self.max_strength,
-                               "log_gain": [round(float(v), 6) for v in self.log_gain], "updates": self.updates}
+                               "log_gain": [round(float(v), 6) for v in self.log_gain], "updates": self.updates,
+                               "shape": self.shape}
         if base is not None:
             out |= {"base_strength": float(base), "schedule": [round(float(v), 4) for v in self.schedule(base)],
                     "mean_strength": float(self.schedule(base).mean()), "keyframes": self.keyframes(base, positions)}
@@ -146,9 +188,12 @@ class SchedulePolicy:
             data = json.loads(p.read_text())
             return cls(steps=int(data["steps"]), sigma=float(data["sigma"]), lr=float(data["lr"]),
                        max_strength=float(data.get("max_strength", 3.0)), log_gain=torch.tensor(data["log_gain"]),
-                       updates=int(data.get("updates", 0)))
+                       updates=int(data.get("updates", 0)), shape=str(data.get("shape", "per_step")))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise QRRLError(f"{p} is not a strength-schedule file written by qr-rl ({exc})") from exc
+
+
+SHAPES = ("per_step", "level_slope", "level")
 
 
 def check_schedule_options(sigma: float, lr: float) -> None:

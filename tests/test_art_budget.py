@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rl.art_budget import ArtBudget
+from rl.art_budget import ArtBudget, LevelBudget
 from rl.ddpo import compute_advantages
 from rl.reward import Reward, combine_rewards
 from rl.schedule_policy import SchedulePolicy
@@ -20,6 +20,18 @@ def test_price_rises_below_the_floor_and_falls_back_to_zero():
     assert b.price == pytest.approx(0.0)
     r = ArtBudget(floor=0.8, price=2.0).reward([0.9, 0.7])
     assert r.total == pytest.approx([0.2, -0.2]) and r.components["art_margin"] == pytest.approx([0.1, -0.1])
+
+
+def test_the_proportional_term_answers_this_rounds_gap_and_the_integral_is_kept():
+    """PI price: an overspend is priced at once (kp), the integral carries the bias, and an
+    underspend can take the price to 0 without winding the integral below 0."""
+    b = ArtBudget(floor=0.8, lr=100.0, kp=500.0)
+    assert b.update(0.79)["art_price"] == pytest.approx(1.0 + 5.0)
+    assert b.integral == pytest.approx(1.0)
+    assert b.update(0.80)["art_price"] == pytest.approx(1.0)  # on the floor: the integral alone
+    assert b.update(0.83)["art_price"] == 0.0 and b.integral == 0.0
+    with pytest.raises(ValueError, match="kp"):
+        ArtBudget(floor=0.8, kp=-1.0)
 
 
 def test_paired_floors_price_each_sample_against_its_own_reference():
@@ -76,3 +88,43 @@ def test_the_policy_spends_the_art_budget_and_stays_inside_it(seed):
     strength, art = _constrained_bandit(seed)
     assert strength > 0.6, strength  # started at 0.5, 12% decode
     assert 0.855 - 0.02 < art < 0.855 + 0.02, art
+
+
+def _level_world(seed: int, rounds: int = 12, start: float = 0.4):
+    """A toy-like world in the curve's log-level L: art = 0.85 − 0.14·L (+ noise), decoding with
+    probability sigmoid(4L); the floor is 0.83, so the budget is spent at L* = 0.143."""
+    rng = np.random.default_rng(seed)
+    budget = LevelBudget(floor=0.83, art_slope=-0.05, decode_slope=0.1, art_weight=0.5)  # poor priors
+    level, rows = start, []
+    for _ in range(rounds):
+        delta = rng.normal(0.0, 0.2, 64)
+        lv = level + delta
+        art = 0.85 - 0.14 * lv + rng.normal(0.0, 0.01, 64)
+        decoded = (rng.random(64) < 1 / (1 + np.exp(-4 * lv))).astype(float)
+        info = budget.observe(delta, art - 0.83, decoded)
+        level += info["level_step"]
+        rows.append(info)
+    return level, budget, rows
+
+
+def test_the_level_budget_holds_the_floor_and_learns_the_exchange_rate():
+    """LevelBudget: from an over-spent start and wrong priors, the level settles on the budget
+    within a few rounds (no circling), and the price settles around the level's decode-for-art rate
+    less the reward's own art weight."""
+    for seed in range(3):
+        level, budget, rows = _level_world(seed)
+        assert level == pytest.approx(0.143, abs=0.03)
+        assert all(abs(r["art_gap"]) < 0.01 for r in rows[5:])
+        assert budget.art_slope == pytest.approx(-0.14, abs=0.03)
+        rate = 4 * 0.25 * 0.9  # d sigmoid(4L)/dL near L* (≈ 0.93), per unit art 0.14
+        mean_price = np.mean([r["art_price"] for r in rows[4:]])  # one round's decode slope is noisy (binary)
+        assert mean_price == pytest.approx(rate / 0.14 - 0.5, rel=0.35)
+
+
+def test_the_level_budget_refuses_bad_input():
+    with pytest.raises(ValueError, match="art_slope"):
+        LevelBudget(floor=0.8, art_slope=0.1)
+    with pytest.raises(ValueError, match="one level offset"):
+        LevelBudget(floor=0.8).observe([0.1, 0.2], [0.0], [1.0, 0.0])
+    with pytest.raises(ValueError, match="finite"):
+        LevelBudget(floor=0.8).observe([0.1, float("nan")], [0.0, 0.1], [1.0, 0.0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 
 def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
@@ -37,6 +38,8 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     assert "reward.art_margin" in shard.tensors()
     assert summary["art_floor"] > 0 and summary["art_price"] >= 0
     assert all("art_price" in row and "art_gap" in row for row in rounds)
+    # ... held by the curve's level (rl.art_budget.LevelBudget): PGPE learns only the tilt
+    assert all("level_step" in row and row["art_slope"] < 0 for row in rounds)
     # paired floors: each round's floor is 0.95 × the pretrained ControlNet's art on its own items
     assert all(0 < row["art_floor"] < 1 and row["art_gap"] == pytest.approx(row["art_floor"] - row["art_similarity"])
                for row in rounds)
@@ -45,6 +48,8 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     assert summary["averaged_rounds"] == 1  # a quarter of 2 rounds, rounded up: the last one's curve
     assert summary["after_mean_strength"] == pytest.approx(sched["mean_strength"], rel=1e-5)
     assert rounds[-1]["schedule_gains"] != [1.0] * model.steps
+    log_gain = torch.tensor(sched["log_gain"])  # a level and a tilt: a straight line in log-gain
+    assert sched["shape"] == "level_slope" and torch.allclose(log_gain.diff(), log_gain.diff()[:1].expand(model.steps - 1), atol=1e-5)
     # module feedback: each sample drew its own (low, high) gains, the shard says so, the mean is learned
     gains = shard.meta["module_feedback"]["gains"]
     assert len(gains) == shard.batch_size and len({tuple(g) for g in gains}) == shard.batch_size
@@ -113,8 +118,11 @@ def test_schedule_only_and_plain_runs(tmp_path):
 
     out = tmp_path / "sched"
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(out),
-                 "--no-progress", "--no-module-feedback"]) == 0
+                 "--no-progress", "--no-module-feedback", "--art-budget", "price", "--schedule-shape", "per_step"]) == 0
     summary = json.loads((out / "summary.json").read_text())
+    row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
+    assert "level_step" not in row and row["art_price"] >= 0  # the PI price, and ten per-step gains
+    assert summary["schedule"]["shape"] == "per_step"
     assert not summary["trained_controlnet"] and summary["schedule"]["updates"] == 1
     assert summary["module_feedback"] is None
     model = ToyModel.load()
@@ -130,7 +138,7 @@ def test_schedule_only_and_plain_runs(tmp_path):
     assert summary["schedule"] is None and summary["art_floor"] is None and not (plain / "schedule.json").exists()
     hinge = tmp_path / "hinge"  # --art-price-lr 0: the per-sample hinge instead of the priced mean
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(hinge),
-                 "--no-progress", "--no-train-controlnet", "--art-price-lr", "0"]) == 0
+                 "--no-progress", "--no-train-controlnet", "--art-budget", "price", "--art-price-lr", "0"]) == 0
     summary = json.loads((hinge / "summary.json").read_text())
     assert summary["art_floor"] > 0 and summary["art_price"] is None
     with pytest.raises(QRRLError, match="nothing to learn"):
@@ -139,6 +147,10 @@ def test_schedule_only_and_plain_runs(tmp_path):
         DemoConfig(out=tmp_path, art_floor=1.5).validate()
     with pytest.raises(QRRLError, match="art-price-lr"):
         DemoConfig(out=tmp_path, art_price_lr=-1.0).validate()
+    with pytest.raises(QRRLError, match="art-budget"):
+        DemoConfig(out=tmp_path, art_budget="hope").validate()
+    with pytest.raises(QRRLError, match="schedule-shape"):
+        DemoConfig(out=tmp_path, schedule_shape="wiggly").validate()
     with pytest.raises(QRRLError, match="steps-from"):
         DemoConfig(out=tmp_path, train_controlnet=True, module_feedback=False, steps_from=1.0).validate()
     with pytest.raises(QRRLError, match="average-last"):

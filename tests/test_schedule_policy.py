@@ -97,3 +97,62 @@ def test_averaged_policy_is_the_mean_of_earlier_means():
         pol.averaged([])
     with pytest.raises(QRRLError, match="4 values for 3 steps"):
         pol.averaged([torch.zeros(4)])
+
+
+def test_level_slope_shape_explores_two_numbers_and_stays_a_tilted_line():
+    """The demo's default shape: a level and a tilt, so every draw and every update is a line in
+    log-gain over the steps, and the saved file says which shape it is."""
+    pol = SchedulePolicy(steps=5, sigma=0.2, lr=2.0, shape="level_slope")
+    assert pol.dims == 2
+    strengths, delta = pol.draw(6, 0.5, np.random.default_rng(0))
+    assert delta.shape == (6, 2) and strengths.shape == (6, 5)
+    logs = (strengths / 0.5).log()
+    tilt = torch.linspace(-1, 1, 5)
+    assert torch.allclose(logs, delta[:, :1] + delta[:, 1:] * tilt, atol=1e-5)
+    pol.update(torch.tensor([[0.1, 0.2], [-0.1, 0.0]]), torch.tensor([1.0, -1.0]))
+    # Δθ = 2 · (A·δ summed) / 2 = (0.2, 0.2): level +0.2, tilt +0.2 at the ends
+    assert pol.log_gain.tolist() == pytest.approx((0.2 + 0.2 * tilt).tolist(), abs=1e-6)
+    with pytest.raises(QRRLError, match=r"delta must be \[2, 2\]"):
+        pol.update(torch.zeros(2, 5), torch.tensor([1.0, -1.0]))
+
+
+def test_shape_round_trips_and_unknown_shapes_are_refused(tmp_path):
+    pol = SchedulePolicy(steps=4, shape="level")
+    again = SchedulePolicy.load(pol.save(tmp_path / "s.json", base=0.5))
+    assert again.shape == "level" and again.dims == 1
+    assert pol.averaged([torch.zeros(4)]).shape == "level"
+    with pytest.raises(QRRLError, match="unknown schedule shape"):
+        SchedulePolicy(steps=3, shape="wiggly")
+
+
+def test_the_level_learns_faster_than_per_step_gains_when_the_total_matters():
+    """Why the demo learns two numbers: when the reward depends on the curve's total strength,
+    the level sees all of it, each per-step gain a tenth of it. Same rounds, same noise: after
+    five rounds the level and tilt are near the best total, the per-step gains still far."""
+    def run(shape: str, seed: int) -> float:
+        rng = np.random.default_rng(seed)
+        pol = SchedulePolicy(steps=10, sigma=0.2, lr=2.0, shape=shape)
+        for r in range(5):
+            strengths, delta = pol.draw(64, 0.3, rng)
+            rew = -((strengths.mean(1).numpy() - 0.6) ** 2) + 0.01 * rng.normal(size=64)
+            adv = compute_advantages(rew, [f"g{i // 8}-{r}" for i in range(64)], min_group_size=8)
+            pol.update(delta, adv.values, adv.mask)
+        return abs(float(pol.schedule(0.3).mean()) - 0.6)
+
+    two = np.mean([run("level_slope", s) for s in range(3)])
+    ten = np.mean([run("per_step", s) for s in range(3)])
+    assert two < 0.06 and ten > 0.1, (two, ten)
+
+
+def test_learn_flags_freeze_the_level_and_shift_level_moves_it():
+    """The demo's level budget: PGPE learns only the tilt, the budget moves the level."""
+    pol = SchedulePolicy(steps=5, sigma=0.2, lr=2.0, shape="level_slope")
+    pol.update(torch.tensor([[0.1, 0.2], [-0.1, 0.0]]), torch.tensor([1.0, -1.0]), learn=[False, True])
+    tilt = torch.linspace(-1, 1, 5)
+    assert pol.log_gain.tolist() == pytest.approx((0.2 * tilt).tolist(), abs=1e-6)
+    pol.shift_level(0.1)
+    assert pol.log_gain.tolist() == pytest.approx((0.1 + 0.2 * tilt).tolist(), abs=1e-6)
+    with pytest.raises(QRRLError, match="one flag per learned number"):
+        pol.update(torch.zeros(2, 2), torch.tensor([1.0, -1.0]), learn=[True])
+    with pytest.raises(QRRLError, match="finite"):
+        pol.shift_level(float("inf"))

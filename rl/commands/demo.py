@@ -59,8 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--feedback-ramp", type=float, default=None,
                    help="module feedback: the push on wrong modules grows over the run as (ramp+1)*p^ramp at "
                         "progress p (default 1; 0 = the same push at every step)")
+    p.add_argument("--schedule-shape", choices=("level_slope", "level", "per_step"), default=None,
+                   help="what the strength curve learns: a level and a tilt (level_slope, the default), a level only, "
+                        "or each step's own gain (per_step: ten noisy numbers on the toy, docs/demo.md)")
     p.add_argument("--schedule-sigma", type=float, default=None,
-                   help="exploration of the strength curve: std of each step's log-gain (default 0.2)")
+                   help="exploration of the strength curve: std of each learned log-gain (default 0.2)")
     p.add_argument("--schedule-lr", type=float, default=None,
                    help="natural-gradient step of the strength curve (default 2)")
     p.add_argument("--art-floor", type=float, default=None,
@@ -68,7 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default 0.95; 0 = off)")
     p.add_argument("--art-price-lr", type=float, default=None,
                    help="the floor holds the mean art of each round, priced by a Lagrange multiplier that moves by "
-                        "this much per unit shortfall (default 400; 0 = a per-sample hinge instead)")
+                        "this much per unit shortfall (default 100; 0 = a per-sample hinge instead)")
+    p.add_argument("--art-budget", choices=("level", "price"), default=None,
+                   help="how the art floor is held: the learned curve's level is set by it and art is priced at the "
+                        "level's decode-for-art rate (level, the default), or a PI price alone (price)")
+    p.add_argument("--art-price-kp", type=float, default=None,
+                   help="the art price's proportional term: price = integral + kp × this round's shortfall (default 500)")
     p.add_argument("--average-last", type=float, default=None,
                    help="the result is the learned curve and feedback gains averaged over this fraction of the last "
                         "rounds (default 0.25; 1/rounds = the last round's)")
@@ -90,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
              "eval_samples", "clip_weight", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",
-             "learn_schedule", "train_controlnet", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_price_lr", "steps_from", "average_last",
+             "learn_schedule", "train_controlnet", "schedule_shape", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_budget", "art_price_lr", "art_price_kp", "steps_from", "average_last",
              "module_feedback", "feedback_low", "feedback_high", "feedback_margin", "feedback_ramp")
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     kw["progress"] = not args.no_progress
