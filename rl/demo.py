@@ -61,8 +61,9 @@ class DemoConfig:
     schedule_sigma: float = 0.2  # log-gain exploration per learned number
     schedule_lr: float = 2.0  # natural-gradient step of the schedule's mean log-gain
     module_feedback: bool = True  # spatial strength from each step's prediction (rl.module_feedback)
-    feedback_low: float = 0.8  # starting gain on modules already right (learned with the curve)
-    feedback_high: float = 2.0  # starting gain on modules still wrong (learned with the curve)
+    learn_feedback: bool = False  # learn the two feedback gains too (docs/demo.md: on the toy they drifted the wrong way)
+    feedback_low: float = 0.8  # gain on modules already right (the start, with learn_feedback)
+    feedback_high: float = 2.0  # gain on modules still wrong (the start, with learn_feedback)
     feedback_margin: float = 0.05
     feedback_softness: float = 0.03
     feedback_ramp: float = 1.0  # the wrong-module push grows over the run (ModuleFeedback.contrast)
@@ -392,7 +393,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         from .schedule_policy import SchedulePolicy
 
         schedule = SchedulePolicy(model.steps, sigma=cfg.schedule_sigma, lr=cfg.schedule_lr, shape=cfg.schedule_shape)
-        if cfg.module_feedback:  # (low, high) learned the same way as the curve
+        if cfg.module_feedback and cfg.learn_feedback:  # (low, high) learned the same way as the curve
             feedback_gains = SchedulePolicy(2, sigma=cfg.schedule_sigma, lr=cfg.schedule_lr, max_strength=10.0)
 
     # ---- rounds

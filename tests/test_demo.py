@@ -16,7 +16,7 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     from rl.trajectory import read_shard
 
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--learn-feedback"]) == 0
     for name in ("summary.json", "table.md", "curves.png", "samples.png", "controlnet.safetensors", "rounds.jsonl"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
@@ -141,6 +141,10 @@ def test_schedule_only_and_plain_runs(tmp_path):
                  "--no-progress", "--no-train-controlnet", "--art-budget", "price", "--art-price-lr", "0"]) == 0
     summary = json.loads((hinge / "summary.json").read_text())
     assert summary["art_floor"] > 0 and summary["art_price"] is None
+    # the default holds the feedback gains where they are: every sample uses them, and so does the result
+    shard = read_shard(json.loads((hinge / "rounds.jsonl").read_text().splitlines()[0])["shard"])
+    assert all(g == pytest.approx([0.8, 2.0]) for g in shard.meta["module_feedback"]["gains"])
+    assert (summary["module_feedback"]["low"], summary["module_feedback"]["high"]) == (0.8, 2.0)
     with pytest.raises(QRRLError, match="nothing to learn"):
         DemoConfig(out=tmp_path, learn_schedule=False).validate()  # the default trains only the curve
     with pytest.raises(QRRLError, match="art-floor"):

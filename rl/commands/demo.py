@@ -49,10 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-module-feedback", dest="module_feedback", action="store_false", default=None,
                    help="one strength for the whole image instead of pushing harder on the modules each step's "
                         "prediction still gets wrong")
+    p.add_argument("--learn-feedback", action="store_true", default=None,
+                   help="also learn the two module-feedback gains by policy gradient (off by default: on the toy they "
+                        "drifted the wrong way, docs/demo.md)")
     p.add_argument("--feedback-low", type=float, default=None,
-                   help="module feedback: starting strength gain on modules already right (default 0.8; learned)")
+                   help="module feedback: strength gain on modules already right (default 0.8; the start with --learn-feedback)")
     p.add_argument("--feedback-high", type=float, default=None,
-                   help="module feedback: starting strength gain on modules still wrong (default 2; learned)")
+                   help="module feedback: strength gain on modules still wrong (default 2; the start with --learn-feedback)")
     p.add_argument("--feedback-margin", type=float, default=None,
                    help="module feedback: luma margin (0-0.5) a module needs past the light/dark midpoint to count as right "
                         "(default 0.05)")
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
              "eval_samples", "clip_weight", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",
              "learn_schedule", "train_controlnet", "schedule_shape", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_budget", "art_price_lr", "art_price_kp", "steps_from", "average_last",
-             "module_feedback", "feedback_low", "feedback_high", "feedback_margin", "feedback_ramp")
+             "module_feedback", "learn_feedback", "feedback_low", "feedback_high", "feedback_margin", "feedback_ramp")
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     kw["progress"] = not args.no_progress
     cfg = DemoConfig.quick(args.out, **kw) if args.quick else DemoConfig(out=args.out, **kw)
