@@ -527,11 +527,12 @@ def before_after_table(summary: dict[str, Any]) -> str:
 
 def screen_summary(summary: dict[str, Any]) -> str:
     b, a = summary["before"], summary["after"]
-    strengths = " → ".join(f"{s:.2f}" for s in summary["strengths"])
+    first, last = summary["strengths"][0], summary["strengths"][-1]
+    strengths = f"base strength {first:.2f} → {last:.2f}" if first != last else f"base strength {first:.2f}"
     return "\n".join([
         "",
         "=" * 66,
-        f" QR-RL demo: {summary['rounds']} RL rounds, curriculum {summary['curriculum']}: {strengths}",
+        f" QR-RL demo: {summary['rounds']} RL rounds, curriculum {summary['curriculum']}, {strengths}",
         f" evaluated at the demo strength {summary['demo_strength']} on {summary['eval_samples']} fixed samples",
         "-" * 66,
         f" {'':28s}{'pretrained':>14s}{'after RL':>14s}",
