@@ -21,8 +21,8 @@ same fixed evaluation set (``rl.toy.eval_prompts_codes``):
   (h) curve only   as (b) without module feedback (the demo before module feedback).
 
 The RL arms run the demo's defaults: the learned strength curve (rl.schedule_policy: a level
-and a tilt over the steps) and module-feedback gains, with the art budget (rl.art_budget: a
-PI-priced floor on each round's mean art similarity). The "mean strength" column is the ControlNet
+and a tilt over the steps) on top of module feedback at its fixed gains, with the art budget
+(rl.art_budget.LevelBudget: the curve's level holds each round's mean art on a paired floor). The "mean strength" column is the ControlNet
 strength averaged over the sampling steps at evaluation.
 
 Prints decode rate, module accuracy and art similarity as mean ± std over seeds, and writes

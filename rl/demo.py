@@ -56,7 +56,7 @@ class DemoConfig:
     lr: float = 1e-3
     anchor_decay: float = 0.0  # per-step pull toward the pretrained ControlNet (rl.anchor)
     train_controlnet: bool = False  # DDPO on the ControlNet's weights too (on the toy it costs art: docs/demo.md)
-    learn_schedule: bool = True  # learn the per-step strength curve too (rl.schedule_policy, docs/demo.md)
+    learn_schedule: bool = True  # learn the strength curve (rl.schedule_policy, docs/demo.md)
     schedule_shape: str = "level_slope"  # what the curve learns: level_slope (2 numbers) | level | per_step (rl.schedule_policy)
     schedule_sigma: float = 0.2  # log-gain exploration per learned number
     schedule_lr: float = 2.0  # natural-gradient step of the schedule's mean log-gain
@@ -68,9 +68,9 @@ class DemoConfig:
     feedback_softness: float = 0.03
     feedback_ramp: float = 1.0  # the wrong-module push grows over the run (ModuleFeedback.contrast)
     art_floor: float = 0.95  # the art budget's floor, a fraction of the pretrained ControlNet's art (0 = off)
-    art_floor_weight: float = 10.0  # per-sample hinge slope, used when art_price_lr = 0
+    art_floor_weight: float = 10.0  # per-sample hinge slope, used with art_budget "price" and art_price_lr = 0
     art_budget: str = "level"  # "level": the curve's level holds the budget (rl.art_budget.LevelBudget) | "price": PI price
-    art_price_lr: float = 100.0  # > 0: the floor holds the *mean* art, priced by a Lagrange multiplier (rl.art_budget)
+    art_price_lr: float = 100.0  # art_budget "price": the floor holds the *mean* art, priced by a Lagrange multiplier
     art_price_kp: float = 500.0  # the price's proportional term (rl.art_budget: why)
     average_last: float = 0.25  # the result averages the learned curve and gains over this fraction of the last rounds
     epochs: int = 1

@@ -73,13 +73,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the art floor, as a fraction of the pretrained ControlNet's art similarity at the demo strength "
                         "(default 0.95; 0 = off)")
     p.add_argument("--art-price-lr", type=float, default=None,
-                   help="the floor holds the mean art of each round, priced by a Lagrange multiplier that moves by "
-                        "this much per unit shortfall (default 100; 0 = a per-sample hinge instead)")
+                   help="with --art-budget price: the floor holds the mean art of each round, priced by a Lagrange "
+                        "multiplier that moves by this much per unit shortfall (default 100; 0 = a per-sample hinge instead)")
     p.add_argument("--art-budget", choices=("level", "price"), default=None,
                    help="how the art floor is held: the learned curve's level is set by it and art is priced at the "
                         "level's decode-for-art rate (level, the default), or a PI price alone (price)")
     p.add_argument("--art-price-kp", type=float, default=None,
-                   help="the art price's proportional term: price = integral + kp × this round's shortfall (default 500)")
+                   help="with --art-budget price: the price's proportional term, price = integral + kp × this round's "
+                        "shortfall (default 500)")
     p.add_argument("--average-last", type=float, default=None,
                    help="the result is the learned curve and feedback gains averaged over this fraction of the last "
                         "rounds (default 0.25; 1/rounds = the last round's)")
