@@ -60,6 +60,7 @@ class DemoConfig:
     schedule_shape: str = "level_slope"  # what the curve learns: level_slope (2 numbers) | level | per_step (rl.schedule_policy)
     schedule_sigma: float = 0.2  # log-gain exploration per learned number
     schedule_lr: float = 2.0  # natural-gradient step of the schedule's mean log-gain
+    mirrored: bool = True  # explore in pairs ±δ on one seed (PGPE symmetric sampling): the seed's luck cancels
     module_feedback: bool = True  # spatial strength from each step's prediction (rl.module_feedback)
     learn_feedback: bool = False  # learn the two feedback gains too (docs/demo.md: on the toy they drifted the wrong way)
     feedback_low: float = 0.8  # gain on modules already right (the start, with learn_feedback)
@@ -102,6 +103,8 @@ class DemoConfig:
         need(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
         need(0 <= self.hold_rounds <= self.rounds, f"--hold-rounds must be in [0, rounds={self.rounds}]")
         need(self.groups >= 1 and self.group_size >= 2, "need --groups >= 1 and --group-size >= 2")
+        need(not self.explores_in_pairs or self.group_size % 2 == 0,
+             f"mirrored exploration pairs samples: --group-size must be even, got {self.group_size} (or --no-mirrored)")
         need(self.eval_samples >= 1, f"--eval-samples must be >= 1, got {self.eval_samples}")
         need(self.clip_weight >= 0, f"--clip-weight must be >= 0, got {self.clip_weight}")
         need(self.curriculum in ("none", "constant", "linear", "cosine", "exponential", "adaptive"),
@@ -124,6 +127,11 @@ class DemoConfig:
              f"unknown --schedule-shape {self.schedule_shape!r}: use {', '.join(SHAPES)}")
         check_feedback(self.feedback_low, self.feedback_high, self.feedback_margin, self.feedback_softness,
                        self.feedback_ramp)
+
+    @property
+    def explores_in_pairs(self) -> bool:
+        """Mirrored pairs need something to mirror: a learned curve (or learned feedback gains)."""
+        return self.mirrored and self.learn_schedule
 
     def feedback(self):
         """The :class:`rl.module_feedback.ModuleFeedback` at the starting gains, or None when off."""
@@ -158,7 +166,8 @@ def _strength_plan(cfg: DemoConfig, high: float, low: float):
 
 
 def round_items(cfg: DemoConfig, tag: int, r: int) -> tuple[list[str], list[str], list[int]]:
-    """``groups × group_size`` training items: random world prompts, the payloads in turn, fresh seeds."""
+    """``groups × group_size`` training items: random world prompts, the payloads in turn, fresh seeds
+    (with ``cfg.mirrored``, each seed twice in a row: a mirrored pair's two samples)."""
     from .toy import DEMO_PAYLOADS
 
     rng = np.random.default_rng([cfg.seed, tag])
@@ -167,10 +176,10 @@ def round_items(cfg: DemoConfig, tag: int, r: int) -> tuple[list[str], list[str]
     for g in range(cfg.groups):
         spec = specs[int(rng.integers(0, len(specs)))]
         payload = DEMO_PAYLOADS[(r * cfg.groups + g) % len(DEMO_PAYLOADS)]
-        for _ in range(cfg.group_size):
+        for i in range(cfg.group_size):
             prompts.append(spec.prompt)
             payloads.append(payload)
-            seeds.append(int(rng.integers(0, 2**31 - 1)))
+            seeds.append(seeds[-1] if cfg.explores_in_pairs and i % 2 else int(rng.integers(0, 2**31 - 1)))
     return prompts, payloads, seeds
 
 
@@ -190,8 +199,7 @@ def reference_art(model, strength: float, cfg: DemoConfig, scorer) -> float:
 
 def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: int, cfg: DemoConfig,
                   round_dir: Path, scorer, base_sha: str, schedule=None, art_floor: float | None = None,
-                  budget=None, feedback_gains=None, paired_strength: float | None = None
-                  ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                  budget=None, feedback_gains=None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Sample ``groups × group_size`` trajectories at ``strength``, score them, write one shard
     into ``round_dir/shards``.
 
@@ -204,7 +212,9 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
     With ``art_floor``, art similarity below it is penalised (:func:`rl.reward.floor_penalty`);
     with ``budget`` (:class:`rl.art_budget.ArtBudget`), art is rewarded at the budget's price,
     against paired floors: ``cfg.art_floor`` × the art of the pretrained ControlNet at
-    ``paired_strength`` (the demo strength) for the same prompt, payload and seed.
+    the round's ``strength`` for the same prompt, payload and seed: with a curriculum the budget
+    follows it down, so a high-strength round is allowed the art that strength costs the
+    pretrained ControlNet (docs/demo.md, "The curriculum under an art budget").
     """
     from .convert import file_sha256
     from .reward import combine_rewards, floor_penalty
@@ -217,11 +227,13 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
     delta = None
     strengths: Any = strength
     if schedule is not None:
-        strengths, delta = schedule.draw(len(prompts), strength, np.random.default_rng([cfg.seed, 2000 + r]))
+        strengths, delta = schedule.draw(len(prompts), strength, np.random.default_rng([cfg.seed, 2000 + r]),
+                                         mirrored=cfg.explores_in_pairs)
     feedback, gains, fb_delta = cfg.feedback(), None, None
     if feedback is not None and feedback_gains is not None:
         gains, fb_delta = feedback_gains.draw(len(prompts), list(feedback.gains()),
-                                              np.random.default_rng([cfg.seed, 3000 + r]))
+                                              np.random.default_rng([cfg.seed, 3000 + r]),
+                                              mirrored=cfg.explores_in_pairs)
     out = sample(model, prompts, codes, seeds, strengths, controlnet=controlnet, feedback=feedback,
                  feedback_gains=gains)
     base = sample(model, prompts, None, seeds, 0.0, record=False).images
@@ -233,8 +245,7 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
         weights.append(cfg.art_floor_weight)
     floors = None
     if budget is not None:  # paired: the pretrained ControlNet's art for the same items, × the floor fraction
-        plain = sample(model, prompts, codes, seeds, strength if paired_strength is None else paired_strength,
-                       record=False).images
+        plain = sample(model, prompts, codes, seeds, strength, record=False).images
         floors = cfg.art_floor * model.art_reward(plain, prompts, base, scorer).components["clip_image"]
         parts.append(budget.reward(art.components["clip_image"], floors=floors))
         weights.append(1.0)
@@ -413,7 +424,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         t0 = time.perf_counter()
         row, exploration = collect_round(model, controlnet, cn_path, strength, r, cfg, round_dir, scorer, base_sha,
                                          schedule=schedule, art_floor=art_floor, budget=budget,
-                                         feedback_gains=feedback_gains, paired_strength=low)
+                                         feedback_gains=feedback_gains)
         row["collect_s"] = round(time.perf_counter() - t0, 1)
         history.append(row["decode_rate"])
         round_shards = Path(row["shard"]).parent

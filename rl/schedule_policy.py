@@ -110,10 +110,22 @@ class SchedulePolicy:
         """The mean schedule: ``base · exp(μ)`` per step, clamped (what evaluation and export use)."""
         return (torch.as_tensor(base, dtype=torch.float32) * self.gains()).clamp(0.0, self.max_strength)
 
-    def draw(self, n: int, base: float | Sequence[float], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(self, n: int, base: float | Sequence[float], rng: np.random.Generator,
+             mirrored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` exploring schedules: (strengths [n,K], their offsets δ [n,d] in the learned numbers;
-        ``d = K`` for the per-step shape, where δ is each step's log-gain offset)."""
-        delta = torch.from_numpy(rng.normal(0.0, self.sigma, (n, self.dims))).float()
+        ``d = K`` for the per-step shape, where δ is each step's log-gain offset).
+
+        ``mirrored`` draws the offsets in pairs ``+δ, −δ`` (samples 2i and 2i+1; ``n`` even):
+        PGPE's symmetric sampling. Given the same seed, a pair differs only by its offset, so
+        what the seed does to the reward cancels in ``Σ A δ`` (why: docs/demo.md, "Mirrored pairs").
+        """
+        if mirrored:
+            if n % 2:
+                raise QRRLError(f"mirrored draws come in pairs: n must be even, got {n}")
+            half = torch.from_numpy(rng.normal(0.0, self.sigma, (n // 2, self.dims))).float()
+            delta = torch.stack([half, -half], dim=1).reshape(n, self.dims)
+        else:
+            delta = torch.from_numpy(rng.normal(0.0, self.sigma, (n, self.dims))).float()
         strengths = torch.as_tensor(base, dtype=torch.float32) * (self.log_gain[None] + delta @ self.basis().T).exp()
         return strengths.clamp(0.0, self.max_strength), delta
 

@@ -34,6 +34,10 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     assert shard.meta["curriculum_round"] == 0 and "reward.decoded" in shard.tensors()
     # the strength curve is learned too: each sample drew its own schedule, recorded per sample
     assert shard.strength.shape == (shard.batch_size, model.steps) and shard.strength.std() > 0
+    # ... in mirrored pairs (+δ, −δ on one seed): each pair's geometric mean is round 0's curve, the base strength
+    pair_mean = (shard.strength[0::2] * shard.strength[1::2]).sqrt()
+    assert torch.allclose(pair_mean, torch.full_like(pair_mean, model.curriculum_start), atol=1e-5)
+    assert not torch.allclose(shard.strength[0::2], shard.strength[1::2])
     # the art budget: each sample's margin over the floor is recorded, and the price moves per round
     assert "reward.art_margin" in shard.tensors()
     assert summary["art_floor"] > 0 and summary["art_price"] >= 0
@@ -161,3 +165,23 @@ def test_schedule_only_and_plain_runs(tmp_path):
         DemoConfig(out=tmp_path, average_last=0.0).validate()
     with pytest.raises(QRRLError, match="gains must be >= 0"):
         DemoConfig(out=tmp_path, feedback_low=-1.0).validate()
+
+
+def test_the_art_budget_follows_the_curriculum_strength(tmp_path):
+    """A curriculum round at a higher strength is allowed the art that strength costs the
+    pretrained ControlNet on the same items: the paired floors are measured at the round's strength."""
+    from rl.art_budget import LevelBudget
+    from rl.convert import file_sha256
+    from rl.demo import DemoConfig, collect_round
+    from rl.toy import ToyModel
+
+    model = ToyModel.load()
+    cfg = DemoConfig(out=tmp_path, groups=2, group_size=4, progress=False)
+    scorer = model.clip_scorer()
+    sha = file_sha256(model.unet_path)
+    floors = {}
+    for s in (model.demo_strength, model.high_strength):  # the same round index: the same items and seeds
+        row, _ = collect_round(model, None, model.controlnet_path, s, 0, cfg, tmp_path / f"s{s}", scorer, sha,
+                               budget=LevelBudget(floor=0.8))
+        floors[s] = row["art_floor"]
+    assert floors[model.high_strength] < floors[model.demo_strength] - 0.01

@@ -65,13 +65,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule-shape", choices=("level_slope", "level", "per_step"), default=None,
                    help="what the strength curve learns: a level and a tilt (level_slope, the default), a level only, "
                         "or each step's own gain (per_step: ten noisy numbers on the toy, docs/demo.md)")
+    p.add_argument("--no-mirrored", dest="mirrored", action="store_false", default=None,
+                   help="explore with independent draws instead of mirrored pairs (+δ and −δ on the same seed, "
+                        "the default: the seed's luck cancels out of the policy gradient)")
     p.add_argument("--schedule-sigma", type=float, default=None,
                    help="exploration of the strength curve: std of each learned log-gain (default 0.2)")
     p.add_argument("--schedule-lr", type=float, default=None,
                    help="natural-gradient step of the strength curve (default 2)")
     p.add_argument("--art-floor", type=float, default=None,
-                   help="the art floor, as a fraction of the pretrained ControlNet's art similarity at the demo strength "
-                        "(default 0.95; 0 = off)")
+                   help="the art floor, as a fraction of the pretrained ControlNet's art similarity on the same items at the "
+                        "round's base strength (the demo strength, or the curriculum's) (default 0.95; 0 = off)")
     p.add_argument("--art-price-lr", type=float, default=None,
                    help="with --art-budget price: the floor holds the mean art of each round, priced by a Lagrange "
                         "multiplier that moves by this much per unit shortfall (default 100; 0 = a per-sample hinge instead)")
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
              "eval_samples", "clip_weight", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",
-             "learn_schedule", "train_controlnet", "schedule_shape", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_budget", "art_price_lr", "art_price_kp", "steps_from", "average_last",
+             "learn_schedule", "train_controlnet", "schedule_shape", "mirrored", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_budget", "art_price_lr", "art_price_kp", "steps_from", "average_last",
              "module_feedback", "learn_feedback", "feedback_low", "feedback_high", "feedback_margin", "feedback_ramp")
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     kw["progress"] = not args.no_progress
