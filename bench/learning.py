@@ -6,7 +6,8 @@ same fixed evaluation set (``rl.toy.eval_prompts_codes``):
   (a) pretrained   the shipped ControlNet, no training;
   (b) rl-flat      RL (``qr-rl demo`` machinery) with every round at the demo strength;
   (c) rl-curric    RL with the demo's linear curriculum (``ToyModel.curriculum_start`` → demo
-                   strength, then ``hold_rounds`` at the demo strength: the demo's default);
+                   strength, then ``hold_rounds`` at the demo strength); the art budget's
+                   paired floor follows the round's base strength down;
   (d) best-of-N    the pretrained ControlNet, N draws per evaluation item, keep the best
                    scan score ("draw until it scans"); N = the RL arms' training samples ÷
                    evaluation items, so (d) spends the same number of samples;
@@ -21,7 +22,7 @@ same fixed evaluation set (``rl.toy.eval_prompts_codes``):
   (h) curve only   as (b) without module feedback (the demo before module feedback).
 
 The RL arms run the demo's defaults: the learned strength curve (rl.schedule_policy: a level
-and a tilt over the steps) on top of module feedback at its fixed gains, with the art budget
+and a tilt over the steps, explored in mirrored pairs) on top of module feedback at its fixed gains, with the art budget
 (rl.art_budget.LevelBudget: the curve's level holds each round's mean art on a paired floor). The "mean strength" column is the ControlNet
 strength averaged over the sampling steps at evaluation.
 
