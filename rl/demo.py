@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +190,7 @@ def reference_art(model, strength: float, cfg: DemoConfig, scorer) -> float:
     prompts, which judge art differently (0.861 vs 0.888 at 0.5)."""
     from .toy import sample
 
-    prompts, payloads, seeds = round_items(cfg, 900, 0)
+    prompts, payloads, seeds = round_items(replace(cfg, mirrored=False), 900, 0)  # a reference: every seed distinct
     codes = [world.toy_code(p) for p in payloads]
     images = sample(model, prompts, codes, seeds, strength, record=False).images
     base = sample(model, prompts, None, seeds, 0.0, record=False).images
@@ -322,8 +322,6 @@ def learned_feedback(cfg: DemoConfig, feedback_gains=None):
     fb = cfg.feedback()
     if fb is None or feedback_gains is None:
         return fb
-    from dataclasses import replace
-
     low, high = (float(v) for v in feedback_gains.schedule(list(fb.gains())))
     return replace(fb, low=low, high=high)
 

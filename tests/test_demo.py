@@ -185,3 +185,17 @@ def test_the_art_budget_follows_the_curriculum_strength(tmp_path):
                                budget=LevelBudget(floor=0.8))
         floors[s] = row["art_floor"]
     assert floors[model.high_strength] < floors[model.demo_strength] - 0.01
+
+
+def test_round_items_pair_seeds_only_when_exploring_in_pairs(tmp_path):
+    from rl.demo import DemoConfig, round_items
+    from rl.errors import QRRLError
+
+    _, _, seeds = round_items(DemoConfig(out=tmp_path), 1000, 0)
+    assert seeds[0::2] == seeds[1::2] and len(set(seeds)) == len(seeds) // 2
+    for cfg in (DemoConfig(out=tmp_path, mirrored=False), DemoConfig(out=tmp_path, learn_schedule=False,
+                                                                       train_controlnet=True)):
+        _, _, seeds = round_items(cfg, 1000, 0)
+        assert len(set(seeds)) == len(seeds)  # nothing to mirror, or mirroring off: every seed distinct
+    with pytest.raises(QRRLError, match="group-size must be even"):
+        DemoConfig(out=tmp_path, group_size=5).validate()
