@@ -130,7 +130,8 @@ class DemoConfig:
 
     @property
     def explores_in_pairs(self) -> bool:
-        """Mirrored pairs need something to mirror: a learned curve (or learned feedback gains)."""
+        """Mirrored pairs need something to mirror: a learned curve (learned feedback gains, which
+        exist only alongside it, are drawn in the same pairs)."""
         return self.mirrored and self.learn_schedule
 
     def feedback(self):
@@ -167,7 +168,7 @@ def _strength_plan(cfg: DemoConfig, high: float, low: float):
 
 def round_items(cfg: DemoConfig, tag: int, r: int) -> tuple[list[str], list[str], list[int]]:
     """``groups × group_size`` training items: random world prompts, the payloads in turn, fresh seeds
-    (with ``cfg.mirrored``, each seed twice in a row: a mirrored pair's two samples)."""
+    (with ``cfg.explores_in_pairs``, each seed twice in a row: a mirrored pair's two samples)."""
     from .toy import DEMO_PAYLOADS
 
     rng = np.random.default_rng([cfg.seed, tag])
