@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         if "a" in arms:
             runs.append(("(a) pretrained", lambda es=eval_seeds: measure(model, model.demo_strength, es, scorer=scorer)))
         if "g" in arms:
-            runs.append(("(g) module feedback, not learned", lambda es=eval_seeds: measure(
-                model, model.demo_strength, es, scorer=scorer, feedback=DemoConfig(out=".").feedback())))
+            runs.append(("(g) module feedback + luma control, not learned", lambda es=eval_seeds: measure(
+                model, model.demo_strength, es, scorer=scorer, feedback=DemoConfig(out=".").feedback(),
+                luma_control=True)))
         for key, name, curriculum, train_cn, feedback in (
                 ("b", "(b) RL, no curriculum", "none", False, True),
                 ("c", "(c) RL + curriculum", "linear", False, True),
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = DemoConfig(out=out / f"{key}-seed{seed}", rounds=args.rounds, groups=args.groups,
                                      group_size=args.group_size, eval_samples=args.eval_samples, seed=seed,
                                      curriculum=curriculum, train_controlnet=train_cn, module_feedback=feedback,
+                                     luma_control=not train_cn,  # the trainer replays the plain ControlNet
                                      progress=False, keep_shards=False)
                     summary = run_demo(cfg, log=lambda m: None).summary
                     return summary["after"] | {"strength": summary["after_mean_strength"]}

@@ -42,7 +42,7 @@ class DemoConfig:
 
     out: str | os.PathLike[str]
     model: str | os.PathLike[str] | None = None  # toy model folder; None = shipped
-    rounds: int = 16  # a round of the learned curve alone costs ≈ 30 s on one CPU thread
+    rounds: int = 10  # a round costs ≈ 45 s on one CPU thread (luma control: two UNet passes per step)
     curriculum: str = "none"  # none | linear | cosine | exponential | adaptive (docs/demo.md: why none)
     start_strength: float | None = None  # default: the model's curriculum_start
     strength: float | None = None  # the demo (end) strength; default: the model's
@@ -62,6 +62,7 @@ class DemoConfig:
     schedule_lr: float = 2.0  # natural-gradient step of the schedule's mean log-gain
     mirrored: bool = True  # explore in pairs ±δ on one seed (PGPE symmetric sampling): the seed's luck cancels
     module_feedback: bool = True  # spatial strength from each step's prediction (rl.module_feedback)
+    luma_control: bool = True  # the ControlNet changes only the luma of each prediction (rl.luma_control)
     learn_feedback: bool = False  # learn the two feedback gains too (docs/demo.md: on the toy they drifted the wrong way)
     feedback_low: float = 0.8  # gain on modules already right (the start, with learn_feedback)
     feedback_high: float = 2.0  # gain on modules still wrong (the start, with learn_feedback)
@@ -127,6 +128,9 @@ class DemoConfig:
              f"unknown --schedule-shape {self.schedule_shape!r}: use {', '.join(SHAPES)}")
         check_feedback(self.feedback_low, self.feedback_high, self.feedback_margin, self.feedback_softness,
                        self.feedback_ramp)
+        need(not (self.train_controlnet and self.luma_control),
+             "--train-controlnet replays the shards with the plain ControlNet, but luma-only control (the "
+             "default) changes what was sampled; add --no-luma-control to train the ControlNet's weights")
 
     @property
     def explores_in_pairs(self) -> bool:
@@ -236,7 +240,7 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
                                               np.random.default_rng([cfg.seed, 3000 + r]),
                                               mirrored=cfg.explores_in_pairs)
     out = sample(model, prompts, codes, seeds, strengths, controlnet=controlnet, feedback=feedback,
-                 feedback_gains=gains)
+                 feedback_gains=gains, luma_control=cfg.luma_control)
     base = sample(model, prompts, None, seeds, 0.0, record=False).images
     scan = scan_reward(images_hwc_uint8(out.images), codes)
     art = model.art_reward(out.images, prompts, base, scorer)
@@ -264,6 +268,8 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
         "module_feedback": None if feedback is None else {
             "margin": feedback.margin, "softness": feedback.softness, "ramp": feedback.ramp,
             "gains": (torch.tensor([feedback.gains()] * len(prompts)) if gains is None else gains).tolist()},
+        # the trainer cannot replay luma-only control (rl.luma_control) and refuses such shards
+        "luma_control": cfg.luma_control,
         "base_sha256": base_sha, "controlnet_sha256": file_sha256(controlnet_path),
         "curriculum_round": r, "policy_version": r,
     }
@@ -310,12 +316,13 @@ def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: 
         "logp_drift_max_abs": float(res.data.get("logp_drift_max_abs", math.nan))}
 
 
-def _evaluate(model, controlnet, strength, cfg: DemoConfig, scorer, base_images, feedback=None) -> dict[str, Any]:
+def _evaluate(model, controlnet, strength, cfg: DemoConfig, scorer, base_images, feedback=None,
+              luma_control: bool = False) -> dict[str, Any]:
     from .toy import measure
 
     seeds = list(range(50_000 + 1000 * cfg.seed, 50_000 + 1000 * cfg.seed + cfg.eval_samples))
     return measure(model, strength, seeds, controlnet=controlnet, scorer=scorer, base_images=base_images,
-                   feedback=feedback)
+                   feedback=feedback, luma_control=luma_control)
 
 
 def learned_feedback(cfg: DemoConfig, feedback_gains=None):
@@ -475,7 +482,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         feedback_gains = feedback_gains.averaged(feedback_means[-keep:])
     after_strength: Any = low if schedule is None else schedule.schedule(low).tolist()
     after_feedback = learned_feedback(cfg, feedback_gains)
-    after = _evaluate(model, controlnet, after_strength, cfg, scorer, base_images, after_feedback)
+    after = _evaluate(model, controlnet, after_strength, cfg, scorer, base_images, after_feedback, cfg.luma_control)
     positions = None
     if schedule is not None:  # the node measures progress as 1 − timestep/999 (ComfyUI's percent)
         from .toy import sampling_schedule

@@ -20,7 +20,7 @@ import contextlib
 import copy
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +103,7 @@ class Policy(torch.nn.Module):
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
         autocast_dtype: torch.dtype | None = None,
+        control_projection: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
         if mode not in TRAINING_MODES:
@@ -112,6 +113,8 @@ class Policy(torch.nn.Module):
         self.unet = unet.eval().requires_grad_(False)
         self.controlnet = controlnet.eval()
         self.autocast_dtype = autocast_dtype
+        # rl.luma_control: keep only this projection of the ControlNet's change to D (None: all of it)
+        self.control_projection = control_projection
         self.lora_targets: list[str] = []
         if mode == "lora":
             ensure_model_imports()
@@ -256,6 +259,16 @@ class Policy(torch.nn.Module):
             st_c, st_u = st_c.view(-1, 1, 1, 1) * m, st_u.view(-1, 1, 1, 1) * m
         if hint.dtype == torch.uint8:
             hint = hint.float() / 255.0
+        d = self._predict(x, sig, ts, cond, uncond, hint, st_c, st_u, g)
+        if self.control_projection is None or bool((st_c == 0).all() and (st_u == 0).all()):
+            return d
+        zero = torch.zeros_like(st_c)
+        d_art = self._predict(x, sig, ts, cond, uncond, hint, zero, zero, g)
+        return d_art + self.control_projection(d - d_art)
+
+    def _predict(self, x, sig, ts, cond, uncond, hint, st_c, st_u, g) -> torch.Tensor:
+        """``D`` with the ControlNet at strengths ``st_c`` / ``st_u`` (per sample or maps)."""
+        dev = x.device
         x32 = x.float()
         c_in = (1.0 / torch.sqrt(sig**2 + 1.0)).view(-1, 1, 1, 1)
         x_in = x32 * c_in

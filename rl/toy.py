@@ -287,18 +287,21 @@ class ToyModel:
                            base_images.permute(0, 2, 3, 1), text_range=tuple(ranges["text"]) if "text" in ranges else None,
                            image_range=tuple(ranges["image"]) if "image" in ranges else None)
 
-    def policy(self, controlnet: torch.nn.Module | None = None):
-        """``rl.policy.Policy`` (frozen UNet + this ControlNet) whose ``denoise`` samples the toy.
+    def policy(self, controlnet: torch.nn.Module | None = None, luma_control: bool = False):
+        """``rl.policy.Policy`` (frozen UNet + this ControlNet) whose ``denoise`` samples the toy
+        (with ``luma_control``, the ControlNet changes only the prediction's luma: rl.luma_control).
 
         A ControlNet passed in keeps its ``requires_grad`` flags (sampling runs under
         ``no_grad``): a caller who samples between optimizer steps must not find its
         parameters silently frozen.
         """
+        from .luma_control import folded_luma_projection
         from .policy import Policy
 
         cn = controlnet if controlnet is not None else self.controlnet
         flags = [p.requires_grad for p in cn.parameters()]
-        pol = Policy(self.unet, cn, mode="full").eval()
+        projection = folded_luma_projection(world.LATENT_FACTOR) if luma_control else None
+        pol = Policy(self.unet, cn, mode="full", control_projection=projection).eval()
         for p, flag in zip(cn.parameters(), flags):
             p.requires_grad_(flag)
         return pol
@@ -376,6 +379,7 @@ def sample(
     batch_size: int = 16,
     feedback: Any = None,
     feedback_gains: torch.Tensor | None = None,
+    luma_control: bool = False,
 ) -> SampleBatch:
     """Sample the toy model with the real sampler (``rl.sampling.sample_loop``, ``Policy.denoise``).
 
@@ -386,6 +390,8 @@ def sample(
     ``feedback`` (:class:`rl.module_feedback.ModuleFeedback`) turns on module feedback: from
     the second step on, the strength is multiplied per module by a map built from the previous
     step's prediction; ``feedback_gains`` ``[B,2]`` gives each sample its own (low, high).
+    ``luma_control`` keeps only the luma of the ControlNet's change to each prediction
+    (:mod:`rl.luma_control`; one more UNet pass per step).
     """
     from .sampling import initial_noise, sample_loop
 
@@ -402,7 +408,7 @@ def sample(
         strength = 0.0
     else:
         hints = torch.stack([world.hint_image(c) for c in codes])
-    policy = model.policy(controlnet)
+    policy = model.policy(controlnet, luma_control=luma_control)
     table = torch.as_tensor(strength, dtype=torch.float32)
     if table.ndim == 0:
         table = table.expand(steps)
@@ -655,14 +661,16 @@ def eval_prompts_codes(n: int, offset: int = 0) -> tuple[list[str], list[Any], l
 
 
 def measure(model: ToyModel, strength: float | Sequence[float], seeds: Sequence[int], *, controlnet=None, scorer=None,
-            base_images: torch.Tensor | None = None, offset: int = 0, feedback=None) -> dict[str, Any]:
+            base_images: torch.Tensor | None = None, offset: int = 0, feedback=None,
+            luma_control: bool = False) -> dict[str, Any]:
     """Decode rate, module accuracy, art similarity (clip_image vs the no-ControlNet sample) at ``strength``
-    (with ``feedback``, a :class:`rl.module_feedback.ModuleFeedback`, on top)."""
+    (with ``feedback``, a :class:`rl.module_feedback.ModuleFeedback`, on top; ``luma_control`` as in :func:`sample`)."""
     from .scan import scan_reward
 
     n = len(seeds)
     prompts, codes, _ = eval_prompts_codes(n, offset)
-    out = sample(model, prompts, codes, seeds, strength, controlnet=controlnet, record=False, feedback=feedback)
+    out = sample(model, prompts, codes, seeds, strength, controlnet=controlnet, record=False, feedback=feedback,
+                 luma_control=luma_control)
     scan = scan_reward(images_hwc_uint8(out.images), codes)
     scorer = scorer or model.clip_scorer()
     if base_images is None:

@@ -206,6 +206,10 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
     for traj in ds:
         meta = traj.meta
         check_model_patches(meta.get("model_patches") or [], traj.path)
+        if meta.get("luma_control"):
+            raise QRRLError(f"{traj.path} was sampled with luma-only control (qr-rl demo's default), which the "
+                            "trainer does not replay, so its log-probabilities would be off-policy; collect with "
+                            "--no-luma-control to train the ControlNet's weights")
         if meta.get("module_feedback") and traj.strength_map is None:
             raise QRRLError(f"{traj.path} was sampled with module feedback but does not record its gain maps "
                             "('strength_map'), so its log-probabilities cannot be "

@@ -133,7 +133,8 @@ def test_schedule_only_and_plain_runs(tmp_path):
     assert (out / "controlnet.safetensors").read_bytes() == model.controlnet_path.read_bytes()
     plain = tmp_path / "plain"
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(plain),
-                 "--no-progress", "--no-learn-schedule", "--train-controlnet", "--art-floor", "0"]) == 0
+                 "--no-progress", "--no-learn-schedule", "--train-controlnet", "--no-luma-control",
+                 "--art-floor", "0"]) == 0
     summary = json.loads((plain / "summary.json").read_text())
     assert summary["trained_controlnet"] and summary["module_feedback"]["ramp"] == 1.0
     row = json.loads((plain / "rounds.jsonl").read_text().splitlines()[0])

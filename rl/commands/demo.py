@@ -52,6 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--learn-feedback", action="store_true", default=None,
                    help="also learn the two module-feedback gains by policy gradient (off by default: on the toy they "
                         "drifted the wrong way, docs/demo.md)")
+    p.add_argument("--no-luma-control", dest="luma_control", action="store_false", default=None,
+                   help="let the ControlNet change the prediction's colours too (by default it changes only their "
+                        "luma: scanners read luminance, the art reward sees colour; docs/demo.md). Needed with "
+                        "--train-controlnet")
     p.add_argument("--feedback-low", type=float, default=None,
                    help="module feedback: strength gain on modules already right (default 0.8; the start with --learn-feedback)")
     p.add_argument("--feedback-high", type=float, default=None,
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
              "eval_samples", "clip_weight", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",
              "learn_schedule", "train_controlnet", "schedule_shape", "mirrored", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_budget", "art_price_lr", "art_price_kp", "steps_from", "average_last",
-             "module_feedback", "learn_feedback", "feedback_low", "feedback_high", "feedback_margin", "feedback_ramp")
+             "module_feedback", "luma_control", "learn_feedback", "feedback_low", "feedback_high", "feedback_margin", "feedback_ramp")
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     kw["progress"] = not args.no_progress
     cfg = DemoConfig.quick(args.out, **kw) if args.quick else DemoConfig(out=args.out, **kw)

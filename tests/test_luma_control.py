@@ -1,0 +1,84 @@
+"""Luma-only control (rl.luma_control): the ControlNet's change to a prediction keeps its luma and
+loses its colour, exactly, on the real toy model; the trainer refuses shards it cannot replay."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+def _luma(rgb: torch.Tensor) -> torch.Tensor:
+    return 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+
+
+def test_luma_only_keeps_the_luma_and_drops_the_colour():
+    from rl.errors import QRRLError
+    from rl.luma_control import folded_luma_projection, luma_only
+
+    delta = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    grey = luma_only(delta)
+    assert torch.allclose(_luma(grey), _luma(delta), atol=1e-6)  # the same brightness change ...
+    assert torch.allclose(grey[:, 0], grey[:, 1]) and torch.allclose(grey[:, 1], grey[:, 2])  # ... in grey
+    # folded latents (the toy's 2×2 pixel unshuffle): the same projection, pixel for pixel
+    folded = torch.nn.functional.pixel_unshuffle(delta, 2)
+    unfolded = torch.nn.functional.pixel_shuffle(folded_luma_projection(2)(folded), 2)
+    assert torch.allclose(unfolded, grey, atol=1e-6)
+    with pytest.raises(QRRLError, match="12 channels"):
+        folded_luma_projection(2)(torch.zeros(1, 4, 8, 8))
+    with pytest.raises(QRRLError, match=r"\[B,3,H,W\]"):
+        luma_only(torch.zeros(1, 4, 8, 8))
+
+
+def test_the_toy_policy_changes_only_the_luma_of_its_prediction():
+    """D = D_art + Y(D_cn − D_art): its colour (RGB minus luma) is the art's, its luma the ControlNet's."""
+    from rl import toy_world as world
+    from rl.toy import ToyModel, latents_to_images, sampling_schedule
+
+    model = ToyModel.load()
+    prompts = ["pink dots on dark green", "cyan checks on dark blue"]
+    cond, uncond = model.encode_prompts(prompts)
+    hints = torch.stack([world.hint_image(world.toy_code(p)) for p in ("HELLO", "QR-RL")])
+    sigmas, timesteps = sampling_schedule(model.steps)
+    x = torch.randn(2, world.LATENT_CHANNELS, world.LATENT_SIZE, world.LATENT_SIZE,
+                    generator=torch.Generator().manual_seed(1)) * float(sigmas[3])
+    args = (x, float(sigmas[3]), timesteps[3], cond, uncond, hints)
+    plain, luma = model.policy(), model.policy(luma_control=True)
+    with torch.no_grad():
+        d_cn, d_art, d = plain.denoise(*args, 0.8, 1.0), plain.denoise(*args, 0.0, 1.0), luma.denoise(*args, 0.8, 1.0)
+        assert torch.equal(luma.denoise(*args, 0.0, 1.0), d_art)  # no ControlNet: nothing to project, one pass
+    rgb = {k: torch.nn.functional.pixel_shuffle(v, world.LATENT_FACTOR) for k, v in
+           {"cn": d_cn, "art": d_art, "luma": d}.items()}  # linear in the latent: compare before clamping
+
+    def chroma(v):
+        return v - _luma(v)[:, None]
+
+    assert torch.allclose(_luma(rgb["luma"]), _luma(rgb["cn"]), atol=1e-5)
+    assert torch.allclose(chroma(rgb["luma"]), chroma(rgb["art"]), atol=1e-5)
+    assert not torch.allclose(chroma(rgb["cn"]), chroma(rgb["art"]), atol=1e-3)  # the ControlNet does move colour
+    assert latents_to_images(d).shape == (2, 3, 64, 64)
+
+
+def test_the_trainer_refuses_luma_controlled_shards(tmp_path):
+    from rl.demo import DemoConfig
+    from rl.errors import QRRLError
+    from rl.toy import ToyModel
+    from rl.train import TrainConfig, train
+    from rl.trajectory import read_shard
+
+    with pytest.raises(QRRLError, match="--no-luma-control"):
+        DemoConfig(out=tmp_path, train_controlnet=True).validate()
+    from rl.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(out),
+                 "--no-progress"]) == 0
+    shards = [json.loads(line)["shard"] for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert read_shard(shards[0]).meta["luma_control"] is True
+    model = ToyModel.load()
+    tc = TrainConfig(trajectories=shards, out=str(tmp_path / "trained.safetensors"), checkpoint=str(model.unet_path),
+                     controlnet=str(model.controlnet_path), unet_config=model.unet_config_path,
+                     controlnet_config=model.controlnet_config_path, mode="zero_convs", cpu=True, progress=False)
+    with pytest.raises(QRRLError, match="luma-only control"):
+        train(tc)
