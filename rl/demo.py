@@ -334,9 +334,10 @@ def learned_feedback(cfg: DemoConfig, feedback_gains=None):
     return replace(fb, low=low, high=high)
 
 
-def comfyui_settings(keyframes: str, feedback=None) -> dict[str, Any]:
+def comfyui_settings(keyframes: str, feedback=None, luma_control: bool = False) -> dict[str, Any]:
     """What ``schedule.json`` tells a ComfyUI user: the learned module feedback, and the exact
-    widget values of the ``QR ControlNet Sampler (RL)`` node that apply the learned curve and gains."""
+    widget values of the ``QR ControlNet Sampler (RL)`` node that apply the learned curve and gains
+    (and, with ``luma_control``, that the node cannot apply that part: rl.luma_control)."""
     inputs: dict[str, Any] = {"curve": "keyframes", "keyframes": keyframes, "start_percent": 0.0, "end_percent": 1.0}
     out: dict[str, Any] = {}
     if feedback is not None:
@@ -345,6 +346,10 @@ def comfyui_settings(keyframes: str, feedback=None) -> dict[str, Any]:
                    "feedback_margin": feedback.margin, "feedback_ramp": feedback.ramp,
                    "qr_code": "connect QR Code Encode's qr_code output; record off"}
     out["comfyui_inputs"] = {"node": "QRControlNetSamplerRL", "inputs": inputs}
+    if luma_control:
+        out["luma_control"] = True
+        out["comfyui_inputs"]["note"] = ("the demo sampled with luma-only control (rl.luma_control), which this node "
+                                         "does not have yet: these inputs reproduce the curve and the feedback only")
     return out
 
 
@@ -489,7 +494,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
 
         positions = [1.0 - float(t) / 999.0 for t in sampling_schedule(model.steps)[1]]
         schedule.save(out / "schedule.json", base=low, positions=positions,
-                      extra=comfyui_settings(schedule.to_dict(low, positions)["keyframes"], after_feedback))
+                      extra=comfyui_settings(schedule.to_dict(low, positions)["keyframes"], after_feedback,
+                                             cfg.luma_control))
     wall = time.perf_counter() - t_start
     keys = ("decode_rate", "module_accuracy", "art_similarity", "text_similarity")
     summary: dict[str, Any] = {

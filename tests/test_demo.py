@@ -65,6 +65,9 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     assert node["node"] == "QRControlNetSamplerRL" and node["inputs"]["keyframes"] == sched["keyframes"]
     assert node["inputs"]["feedback_low"] == pytest.approx(fb["low"], abs=1e-4) and node["inputs"]["feedback_ramp"] == 1.0
     assert rounds[-1]["feedback_gains"] == pytest.approx([fb["low"], fb["high"]], abs=1e-4)
+    # luma-only control (the default) is recorded, and schedule.json says the node cannot apply it
+    assert shard.meta["luma_control"] is True and summary["config"]["luma_control"] is True
+    assert sched["luma_control"] is True and "luma-only control" in node["note"]
     # ... each step's gain map is recorded (ones on step 1, which has no prediction yet) ...
     maps = shard.strength_map
     assert maps is not None and maps.shape[:3] == (shard.batch_size, model.steps, 1)
@@ -75,6 +78,7 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     from rl.trajectory import write_shard
 
     shard.strength_map = None
+    shard.meta["luma_control"] = False  # as with --no-luma-control, which the trainer could replay
     write_shard(shard, tmp_path / "mapless", "old")
     with pytest.raises(QRRLError, match="does not record its gain maps"):
         train(TrainConfig(trajectories=[str(tmp_path / "mapless")], checkpoint=model.unet_path,
