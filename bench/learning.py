@@ -127,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = DemoConfig(out=out / f"{key}-seed{seed}", rounds=args.rounds, groups=args.groups,
                                      group_size=args.group_size, eval_samples=args.eval_samples, seed=seed,
                                      curriculum=curriculum, train_controlnet=train_cn, module_feedback=feedback,
-                                     luma_control=not train_cn,  # the trainer replays the plain ControlNet
                                      progress=False, keep_shards=False)
                     summary = run_demo(cfg, log=lambda m: None).summary
                     return summary["after"] | {"strength": summary["after_mean_strength"]}

@@ -34,6 +34,7 @@ from . import toy_world as world
 from .atomic import atomic_write_text
 from .errors import QRRLError
 from .image_io import save_figure
+from .luma_control import projection_meta
 
 
 @dataclass
@@ -128,9 +129,6 @@ class DemoConfig:
              f"unknown --schedule-shape {self.schedule_shape!r}: use {', '.join(SHAPES)}")
         check_feedback(self.feedback_low, self.feedback_high, self.feedback_margin, self.feedback_softness,
                        self.feedback_ramp)
-        need(not (self.train_controlnet and self.luma_control),
-             "--train-controlnet replays the shards with the plain ControlNet, but luma-only control (the "
-             "default) changes what was sampled; add --no-luma-control to train the ControlNet's weights")
 
     @property
     def explores_in_pairs(self) -> bool:
@@ -268,8 +266,8 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
         "module_feedback": None if feedback is None else {
             "margin": feedback.margin, "softness": feedback.softness, "ramp": feedback.ramp,
             "gains": (torch.tensor([feedback.gains()] * len(prompts)) if gains is None else gains).tolist()},
-        # the trainer cannot replay luma-only control (rl.luma_control) and refuses such shards
-        "luma_control": cfg.luma_control,
+        # which luma-only control the sampler used (rl.luma_control): the trainer rebuilds it to replay
+        "luma_control": projection_meta(world.LATENT_FACTOR) if cfg.luma_control else None,
         "base_sha256": base_sha, "controlnet_sha256": file_sha256(controlnet_path),
         "curriculum_round": r, "policy_version": r,
     }

@@ -13,12 +13,15 @@ curve act inside ``D_cn`` unchanged.
 
 The projection needs the latent's colours to be linear in it. They are for the toy (its latent
 is the image folded 2×2 into channels); for a VAE latent it would need an approximate
-latent→RGB map, which is not built (docs/demo.md, "Open problems").
+latent→RGB map, which is not built (docs/demo.md, "Open problems"). Shards record which
+projection was used (:func:`projection_meta`), and the trainer rebuilds it from there
+(:func:`projection_from_meta`), so its log-probabilities are those of what was sampled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,3 +52,18 @@ def folded_luma_projection(factor: int) -> Callable[[torch.Tensor], torch.Tensor
         return F.pixel_unshuffle(luma_only(F.pixel_shuffle(delta, factor)), factor)
 
     return project
+
+
+def projection_meta(factor: int) -> dict[str, Any]:
+    """What a shard records for :func:`folded_luma_projection` (``meta["luma_control"]``)."""
+    return {"kind": "folded_luma", "factor": int(factor)}
+
+
+def projection_from_meta(spec: Mapping[str, Any] | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The projection a shard was sampled with (None: the plain ControlNet)."""
+    if not spec:
+        return None
+    if not isinstance(spec, Mapping) or spec.get("kind") != "folded_luma" or not isinstance(spec.get("factor"), int):
+        raise QRRLError(f"unknown luma control in the shard's metadata: {spec!r} (this version replays "
+                        "{'kind': 'folded_luma', 'factor': N}); collect it again with this version")
+    return folded_luma_projection(spec["factor"])

@@ -203,13 +203,15 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
     unknown_base = 0
     other_cn = 0
     comps: dict[str, list[float]] = {}
+    lumas: list = []
     for traj in ds:
         meta = traj.meta
         check_model_patches(meta.get("model_patches") or [], traj.path)
-        if meta.get("luma_control"):
-            raise QRRLError(f"{traj.path} was sampled with luma-only control (qr-rl demo's default), which the "
-                            "trainer does not replay, so its log-probabilities would be off-policy; collect with "
-                            "--no-luma-control to train the ControlNet's weights")
+        luma = meta.get("luma_control") or None  # rl.luma_control: the trainer must replay it too
+        if lumas and luma != lumas[0]:
+            raise QRRLError(f"{traj.path} was sampled with luma control {luma!r}, an earlier shard with "
+                            f"{lumas[0]!r}; train on shards from one sampler setting")
+        lumas.append(luma)
         if meta.get("module_feedback") and traj.strength_map is None:
             raise QRRLError(f"{traj.path} was sampled with module feedback but does not record its gain maps "
                             "('strength_map'), so its log-probabilities cannot be "
@@ -253,6 +255,7 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
         "samples": len(samples), "dropped_nonfinite_reward": dropped, "shards_unknown_base": unknown_base,
         "shards_other_controlnet": other_cn, "latent_shape": list(ds.latent_shape),
         "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "luma_control": lumas[0] if lumas else None,
     }
     for name, vals in comps.items():
         info[f"{name}_mean"] = float(np.mean(vals))
@@ -437,6 +440,7 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     from .convert import ensure_model_imports
 
     ensure_model_imports()
+    from .luma_control import projection_from_meta
     from .policy import LoraSettings, load_policy
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
@@ -475,6 +479,8 @@ def train(config: TrainConfig, log=None) -> TrainResult:
                          gradient_checkpointing=config.gradient_checkpointing, autocast_dtype=autocast)
     policy = loaded.policy
     samples, keys, data = _load_data(config, loaded.base_sha256, loaded.controlnet_sha256, say)
+    # replay the sampler's luma-only control, if it had one (rl.luma_control)
+    policy.control_projection = projection_from_meta(data["luma_control"])
     tracker = StatTracker(buffer_size=config.stat_buffer, min_group_size=config.min_group_size, clip=config.adv_clip)
     if config.stats_from:
         tracker.load_state_dict(json.loads(Path(config.stats_from).read_text())["stat_tracker"])

@@ -66,7 +66,7 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     assert node["inputs"]["feedback_low"] == pytest.approx(fb["low"], abs=1e-4) and node["inputs"]["feedback_ramp"] == 1.0
     assert rounds[-1]["feedback_gains"] == pytest.approx([fb["low"], fb["high"]], abs=1e-4)
     # luma-only control (the default) is recorded, and schedule.json says the node cannot apply it
-    assert shard.meta["luma_control"] is True and summary["config"]["luma_control"] is True
+    assert shard.meta["luma_control"] == {"kind": "folded_luma", "factor": 2} and summary["config"]["luma_control"]
     assert sched["luma_control"] is True and "luma-only control" in node["note"]
     # ... each step's gain map is recorded (ones on step 1, which has no prediction yet) ...
     maps = shard.strength_map
@@ -78,7 +78,6 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     from rl.trajectory import write_shard
 
     shard.strength_map = None
-    shard.meta["luma_control"] = False  # as with --no-luma-control, which the trainer could replay
     write_shard(shard, tmp_path / "mapless", "old")
     with pytest.raises(QRRLError, match="does not record its gain maps"):
         train(TrainConfig(trajectories=[str(tmp_path / "mapless")], checkpoint=model.unet_path,
@@ -116,8 +115,8 @@ def test_bad_trainer_options_are_refused_before_any_sampling(tmp_path):
 
 def test_schedule_only_and_plain_runs(tmp_path):
     """--no-module-feedback learns only the curve (the ControlNet stays the pretrained one);
-    --no-learn-schedule --train-controlnet is constant-strength DDPO, here with module feedback,
-    whose recorded gain maps the trainer replays exactly."""
+    --no-learn-schedule --train-controlnet is constant-strength DDPO, here with module feedback and
+    luma-only control, whose recorded gain maps and projection the trainer replays exactly."""
     from rl.cli import main
     from rl.demo import DemoConfig
     from rl.errors import QRRLError
@@ -137,13 +136,13 @@ def test_schedule_only_and_plain_runs(tmp_path):
     assert (out / "controlnet.safetensors").read_bytes() == model.controlnet_path.read_bytes()
     plain = tmp_path / "plain"
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(plain),
-                 "--no-progress", "--no-learn-schedule", "--train-controlnet", "--no-luma-control",
-                 "--art-floor", "0"]) == 0
+                 "--no-progress", "--no-learn-schedule", "--train-controlnet", "--art-floor", "0"]) == 0
     summary = json.loads((plain / "summary.json").read_text())
     assert summary["trained_controlnet"] and summary["module_feedback"]["ramp"] == 1.0
     row = json.loads((plain / "rounds.jsonl").read_text().splitlines()[0])
     assert read_shard(row["shard"]).strength_map is not None
     assert row["logp_drift_max_abs"] < 1e-3  # the trainer recomputes exactly what was sampled, maps included
+    assert read_shard(row["shard"]).meta["luma_control"] == {"kind": "folded_luma", "factor": 2}  # ... and luma control
     assert summary["schedule"] is None and summary["art_floor"] is None and not (plain / "schedule.json").exists()
     hinge = tmp_path / "hinge"  # --art-price-lr 0: the per-sample hinge instead of the priced mean
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(hinge),

@@ -1,5 +1,5 @@
 """Luma-only control (rl.luma_control): the ControlNet's change to a prediction keeps its luma and
-loses its colour, exactly, on the real toy model; the trainer refuses shards it cannot replay."""
+loses its colour, exactly, on the real toy model; shards name it and the trainer replays it."""
 
 from __future__ import annotations
 
@@ -60,25 +60,32 @@ def test_the_toy_policy_changes_only_the_luma_of_its_prediction():
     assert latents_to_images(d).shape == (2, 3, 64, 64)
 
 
-def test_the_trainer_refuses_luma_controlled_shards(tmp_path):
-    from rl.demo import DemoConfig
+def test_the_trainer_rebuilds_the_projection_a_shard_names_and_refuses_mixtures(tmp_path):
+    """The shard names its projection, the trainer rebuilds it (the replay itself, with drift < 1e-3, is
+    test_demo.py::test_schedule_only_and_plain_runs); unknown or mixed settings are refused."""
+    from rl.cli import main
     from rl.errors import QRRLError
+    from rl.luma_control import projection_from_meta, projection_meta
     from rl.toy import ToyModel
     from rl.train import TrainConfig, train
-    from rl.trajectory import read_shard
+    from rl.trajectory import read_shard, write_shard
 
-    with pytest.raises(QRRLError, match="--no-luma-control"):
-        DemoConfig(out=tmp_path, train_controlnet=True).validate()
-    from rl.cli import main
-
+    assert projection_from_meta(None) is None and projection_from_meta(projection_meta(2)) is not None
+    with pytest.raises(QRRLError, match="unknown luma control"):
+        projection_from_meta({"kind": "vae_luma", "factor": 8})
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(out),
                  "--no-progress"]) == 0
-    shards = [json.loads(line)["shard"] for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert read_shard(shards[0]).meta["luma_control"] is True
+    path = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])["shard"]
+    shard = read_shard(path)
+    assert shard.meta["luma_control"] == projection_meta(2)
+    shard.meta["luma_control"] = None  # the same data, claiming the plain sampler: not one setting
+    write_shard(shard, tmp_path / "mixed", "plain")
+    write_shard(read_shard(path), tmp_path / "mixed", "luma")
     model = ToyModel.load()
-    tc = TrainConfig(trajectories=shards, out=str(tmp_path / "trained.safetensors"), checkpoint=str(model.unet_path),
-                     controlnet=str(model.controlnet_path), unet_config=model.unet_config_path,
-                     controlnet_config=model.controlnet_config_path, mode="zero_convs", cpu=True, progress=False)
-    with pytest.raises(QRRLError, match="luma-only control"):
+    tc = TrainConfig(trajectories=[str(tmp_path / "mixed")], out=str(tmp_path / "trained.safetensors"),
+                     checkpoint=str(model.unet_path), controlnet=str(model.controlnet_path),
+                     unet_config=model.unet_config_path, controlnet_config=model.controlnet_config_path,
+                     mode="zero_convs", cpu=True, progress=False)
+    with pytest.raises(QRRLError, match="one sampler setting"):
         train(tc)

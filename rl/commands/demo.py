@@ -54,8 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "drifted the wrong way, docs/demo.md)")
     p.add_argument("--no-luma-control", dest="luma_control", action="store_false", default=None,
                    help="let the ControlNet change the prediction's colours too (by default it changes only their "
-                        "luma: scanners read luminance, the art reward sees colour; docs/demo.md). Needed with "
-                        "--train-controlnet")
+                        "luma: scanners read luminance, the art reward sees colour; docs/demo.md)")
     p.add_argument("--feedback-low", type=float, default=None,
                    help="module feedback: strength gain on modules already right (default 0.8; the start with --learn-feedback)")
     p.add_argument("--feedback-high", type=float, default=None,
