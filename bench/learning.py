@@ -18,11 +18,13 @@ same fixed evaluation set (``rl.toy.eval_prompts_codes``):
                    each round's shards (``--train-controlnet``; not in the default arms: ≈ 2.5×
                    the time of (b));
   (g) feedback     the pretrained ControlNet at the demo strength with module feedback at its
-                   starting gains (rl.module_feedback), nothing learned: what RL starts from;
+                   starting gains (rl.module_feedback) and luma-only control (rl.luma_control),
+                   nothing learned: what RL starts from;
   (h) curve only   as (b) without module feedback (the demo before module feedback).
 
 The RL arms run the demo's defaults: the learned strength curve (rl.schedule_policy: a level
-and a tilt over the steps, explored in mirrored pairs) on top of module feedback at its fixed gains, with the art budget
+and a tilt over the steps, explored in mirrored pairs) on top of module feedback at its fixed gains and
+luma-only control, with the art budget
 (rl.art_budget.LevelBudget: the curve's level holds each round's mean art on a paired floor). The "mean strength" column is the ControlNet
 strength averaged over the sampling steps at evaluation.
 

@@ -5,7 +5,8 @@ the whole loop of the real system run end to end -- and see it work -- in minute
 
   pretrained toy ControlNet ─► [round r: base strength s_r (the demo strength, or a curriculum
       high → demo); encode QR codes (rl.qr) ─► each sample draws a per-step strength curve around
-      the learned one (rl.schedule_policy) ─► sample with recording (rl.sampling + Policy.denoise)
+      the learned one (rl.schedule_policy) ─► sample with recording (rl.sampling + Policy.denoise,
+      module feedback: rl.module_feedback, luma-only control: rl.luma_control)
       ─► scan reward (rl.scan) + art reward (tiny CLIP via rl.clip_score) + the art budget's
       price (rl.art_budget) ─► shards (rl.trajectory) ─► curve update, price update, and with
       --train-controlnet offline DDPO on the shards (rl.train.train) ─► next round]
