@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import QRRLError
+from .luma_control import LUMA_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def module_luma(images: torch.Tensor, grid: int) -> torch.Tensor:
     image): ``[B,N,N]``. Whole cells, not centres: at the toy's 2.6 pixels per module a cell's mean
     also sees its neighbours' bleed, which the scanners see too; measured on the toy at strength
     0.5, centres flag fewer modules and reach a lower decode rate at the same art."""
-    luma = (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2])[:, None].float()
+    wr, wg, wb = LUMA_WEIGHTS
+    luma = (wr * images[:, 0] + wg * images[:, 1] + wb * images[:, 2])[:, None].float()
     return F.adaptive_avg_pool2d(luma, grid)[:, 0]
 
 
