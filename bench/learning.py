@@ -20,7 +20,9 @@ same fixed evaluation set (``rl.toy.eval_prompts_codes``):
   (g) feedback     the pretrained ControlNet at the demo strength with module feedback at its
                    starting gains (rl.module_feedback) and luma-only control (rl.luma_control),
                    nothing learned: what RL starts from;
-  (h) curve only   as (b) without module feedback (the demo before module feedback).
+  (h) curve only   as (b) without module feedback (the demo before module feedback);
+  (i), (j)         (b) and (c) with ``--train-controlnet``: DDPO on the zero convolutions, replaying
+                   module feedback and luma-only control (not in the default arms: ≈ 2.5× (b)).
 
 The RL arms run the demo's defaults: the learned strength curve (rl.schedule_policy: a level
 and a tilt over the steps, explored in mirrored pairs) on top of module feedback at its fixed gains and
@@ -86,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=None, help="seeds per group (default: the demo's)")
     ap.add_argument("--eval-samples", type=int, default=None, help="evaluation items (default: the demo's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--arms", default="a,b,c,d,e,g", help="which arms to run (comma-separated letters: a-h)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="DDPO learning rate of the arms that train the ControlNet, f, i and j (default: the demo's)")
+    ap.add_argument("--arms", default="a,b,c,d,e,g", help="which arms to run (comma-separated letters: a-j)")
     args = ap.parse_args(argv)
 
     import torch
@@ -123,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
                 ("b", "(b) RL, no curriculum", "none", False, True),
                 ("c", "(c) RL + curriculum", "linear", False, True),
                 ("h", "(h) RL, curve only (no module feedback)", "none", False, False),
-                ("f", "(f) RL, curve + ControlNet DDPO", "none", True, False)):
+                ("f", "(f) RL, curve + ControlNet DDPO", "none", True, False),
+                ("i", "(i) RL + ControlNet DDPO, no curriculum", "none", True, True),
+                ("j", "(j) RL + ControlNet DDPO + curriculum", "linear", True, True)):
             if key in arms:
                 def rl_run(curriculum=curriculum, key=key, seed=seed, train_cn=train_cn, feedback=feedback):
                     cfg = DemoConfig(out=out / f"{key}-seed{seed}", rounds=args.rounds, groups=args.groups,
                                      group_size=args.group_size, eval_samples=args.eval_samples, seed=seed,
                                      curriculum=curriculum, train_controlnet=train_cn, module_feedback=feedback,
-                                     progress=False, keep_shards=False)
+                                     progress=False, keep_shards=False,
+                                     **({"lr": args.lr} if args.lr is not None else {}))
                     summary = run_demo(cfg, log=lambda m: None).summary
                     return summary["after"] | {"strength": summary["after_mean_strength"]}
                 runs.append((name, rl_run))

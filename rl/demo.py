@@ -55,9 +55,9 @@ class DemoConfig:
     clip_weight: float = 0.5
     mode: str = "zero_convs"  # "zero_convs" | "lora" | "full" (see docs/demo.md, "What made it learn")
     lora_rank: int = 4  # only with mode "lora"
-    lr: float = 1e-3
+    lr: float = 2e-4  # --train-controlnet: 1e-3 moved the zero convs by half their norm and collapsed (docs/demo.md)
     anchor_decay: float = 0.0  # per-step pull toward the pretrained ControlNet (rl.anchor)
-    train_controlnet: bool = False  # DDPO on the ControlNet's weights too (on the toy it costs art: docs/demo.md)
+    train_controlnet: bool = False  # DDPO on the ControlNet's weights too (on the toy it adds nothing: docs/demo.md)
     learn_schedule: bool = True  # learn the strength curve (rl.schedule_policy, docs/demo.md)
     schedule_shape: str = "level_slope"  # what the curve learns: level_slope (2 numbers) | level | per_step (rl.schedule_policy)
     schedule_sigma: float = 0.2  # log-gain exploration per learned number

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=None, help="seeds per group (default 8)")
     p.add_argument("--eval-samples", type=int, default=None, help="fixed evaluation samples (default 64)")
     p.add_argument("--clip-weight", type=float, default=None, help="weight of the art reward vs the scan reward (0.5)")
-    p.add_argument("--lr", type=float, default=None, help="trainer learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=None, help="trainer learning rate with --train-controlnet (default 2e-4)")
     p.add_argument("--anchor-decay", type=float, default=None,
                    help="per-step pull of the trained weights back toward the pretrained ControlNet (default 0 = off)")
     p.add_argument("--epochs", type=int, default=None, help="PPO epochs per round (default 1)")
