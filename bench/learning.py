@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=None, help="seeds per group (default: the demo's)")
     ap.add_argument("--eval-samples", type=int, default=None, help="evaluation items (default: the demo's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--start-strength", type=float, default=None,
+                    help="where the curriculum arms (c, j) start (default: the model's curriculum_start)")
     ap.add_argument("--lr", type=float, default=None,
                     help="DDPO learning rate of the arms that train the ControlNet, f, i and j (default: the demo's)")
     ap.add_argument("--arms", default="a,b,c,d,e,g", help="which arms to run (comma-separated letters: a-j)")
@@ -136,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                                      group_size=args.group_size, eval_samples=args.eval_samples, seed=seed,
                                      curriculum=curriculum, train_controlnet=train_cn, module_feedback=feedback,
                                      progress=False, keep_shards=False,
-                                     **({"lr": args.lr} if args.lr is not None else {}))
+                                     **({"lr": args.lr} if args.lr is not None else {}),
+                                     **({"start_strength": args.start_strength}
+                                        if args.start_strength is not None and curriculum != "none" else {}))
                     summary = run_demo(cfg, log=lambda m: None).summary
                     return summary["after"] | {"strength": summary["after_mean_strength"]}
                 runs.append((name, rl_run))

@@ -25,10 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="toy model folder from `qr-rl toy pretrain` (default: the shipped one)")
     p.add_argument("--rounds", type=int, default=None, help="RL rounds (default 16; --quick 2)")
     p.add_argument("--curriculum", default=None,
-                   help="strength curriculum: none (default: on the toy it measured better), linear, cosine, exponential or adaptive")
+                   help="strength curriculum: linear (default), cosine, exponential, adaptive, or none (every round at the demo strength)")
     p.add_argument("--strength", type=float, default=None, help="demo (final) ControlNet strength (default: the model's)")
     p.add_argument("--start-strength", type=float, default=None,
-                   help="curriculum start strength (default: the lowest calibrated strength where a third of samples scan)")
+                   help="curriculum start strength (default: the lowest calibrated strength where 80%% of samples scan)")
     p.add_argument("--hold-rounds", type=int, default=None, help="final rounds at the demo strength (default 3)")
     p.add_argument("--groups", type=int, default=None, help="(prompt, payload) groups per round (default 8)")
     p.add_argument("--group-size", type=int, default=None, help="seeds per group (default 8)")
