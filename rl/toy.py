@@ -327,8 +327,9 @@ class ToyModel:
         by it, the rounds up there teach the strength curve's *tilt* (more strength on the late
         steps, where it buys decoding), which carries down to the demo strength. Measured
         (bench/learning.py, 3 seeds): from 0.8, 89% decode against 85% flat at the same art;
-        from 0.6, the first calibrated strength where a third scan, a tie. (Before the art budget, DDPO on
-        the weights learned to *weaken* the code where nearly every sample scanned; docs/demo.md.)
+        from 0.6, the first calibrated strength where a third scan, a tie. (Before the art
+        budget, DDPO on the weights learned to *weaken* the code where nearly every sample
+        scanned; docs/demo.md.)
         """
         rows = sorted(self.info.get("calibration") or [], key=lambda row: row["strength"])
         for row in rows:

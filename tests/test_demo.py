@@ -203,3 +203,17 @@ def test_round_items_pair_seeds_only_when_exploring_in_pairs(tmp_path):
         assert len(set(seeds)) == len(seeds)  # nothing to mirror, or mirroring off: every seed distinct
     with pytest.raises(QRRLError, match="group-size must be even"):
         DemoConfig(out=tmp_path, group_size=5).validate()
+
+
+def test_curriculum_starts_where_most_samples_scan():
+    """The shipped calibration picks the first strength above the demo's where ≥ 80% of samples
+    scan: the one below it scans less, and the start is a calibrated row, not a constant."""
+    from rl.toy import ToyModel
+
+    model = ToyModel.load()
+    rows = sorted(model.info["calibration"], key=lambda row: row["strength"])
+    above = [row for row in rows if row["strength"] > model.demo_strength]
+    start = next(row for row in above if row["strength"] == pytest.approx(model.curriculum_start))
+    assert start["decode_rate"] >= 0.8
+    assert all(row["decode_rate"] < 0.8 for row in above if row["strength"] < start["strength"])
+    assert model.demo_strength < model.curriculum_start <= model.high_strength

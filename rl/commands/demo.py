@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="qr-rl-demo", help="report folder (must be empty or absent; default ./qr-rl-demo)")
     p.add_argument("--quick", action="store_true", help="tiny run (≈1-2 min) that checks the pipeline, not the lift")
     p.add_argument("--model", default=None, help="toy model folder from `qr-rl toy pretrain` (default: the shipped one)")
-    p.add_argument("--rounds", type=int, default=None, help="RL rounds (default 16; --quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="RL rounds (default 10; --quick 2)")
     p.add_argument("--curriculum", default=None,
                    help="strength curriculum: linear (default), cosine, exponential, adaptive, or none (every round at the demo strength)")
     p.add_argument("--strength", type=float, default=None, help="demo (final) ControlNet strength (default: the model's)")
