@@ -486,10 +486,14 @@ def scan_batch(
 
 
 def results_to_reward(results: Sequence[ScanResult]) -> Reward:
-    """Pack scan results as a ``Reward`` (total = scan_score)."""
+    """Pack scan results as a ``Reward`` (total = scan_score).
+
+    The total and the ``scan_score`` component are separate arrays: a shard stores both, and
+    safetensors refuses tensors that share memory.
+    """
     score = np.array([r.scan_score for r in results], dtype=np.float64)
     return Reward(
-        total=score,
+        total=score.copy(),
         components={
             "decoded": np.array([float(r.decoded) for r in results]),
             "module_accuracy": np.array([r.module_accuracy for r in results]),

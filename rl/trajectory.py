@@ -498,7 +498,7 @@ def write_shard(traj: Trajectory, folder: str | os.PathLike[str], run_name: str,
     traj.meta = meta
     traj.validate()
     encoded = _encode_meta(meta)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in traj.tensors().items()}
+    tensors = _unshared({name: t.detach().cpu().contiguous() for name, t in traj.tensors().items()})
 
     out_dir = Path(folder) / run
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -514,6 +514,24 @@ def write_shard(traj: Trajectory, folder: str | os.PathLike[str], run_name: str,
         raise
     traj.path = final
     return final
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clone every tensor whose storage an earlier one already uses.
+
+    Why: safetensors refuses tensors that share memory ("Some tensors share memory"), and a
+    reward whose component *is* its total (or a view of it) is a fair thing for a node to return.
+    """
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        key = (str(t.device), t.untyped_storage().data_ptr())
+        if t.numel() and key in seen:
+            t = t.clone()
+        else:
+            seen.add(key)
+        out[name] = t
+    return out
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], tmp: Path, final: Path) -> None:
