@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = list(args.prompt) + (read_lines(args.prompts_file, "prompts") if args.prompts_file else [])
     payloads = list(args.payload) + (read_lines(args.payloads_file, "payloads") if args.payloads_file else [])
     if args.backend == "local":
+        from ..cli import require_extra
+
+        require_extra("train")  # the toy model is a diffusers UNet
         if args.threads:
             import torch
 

@@ -104,6 +104,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cli import require_extra
+
+    require_extra("train")  # the toy model is a diffusers UNet; the report is drawn with matplotlib
     from ..demo import DemoConfig, run_demo
 
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",

@@ -112,7 +112,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cli import require_extra
     from ..loop import run_loop
+
+    require_extra("train")  # every round trains: refuse before the first collection
 
     result = run_loop(config_from_args(args))
     return 0 if result.finished else 1

@@ -72,6 +72,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cli import require_extra
+
+    require_extra("train")
     from ..train import TrainConfig, train
 
     config = TrainConfig(
