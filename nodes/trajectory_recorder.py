@@ -49,6 +49,20 @@ class QRTrajectoryRecorder(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, run_name: str | None = None) -> bool | str:
+        """Refuse a bad run name when the prompt is queued, not after minutes of sampling.
+
+        A ``run_name`` fed by a link is not known yet (None) and is checked in ``execute``.
+        """
+        if not isinstance(run_name, str):
+            return True
+        try:
+            sanitize_run_name(run_name)
+        except QRRLError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, trajectory, reward, run_name: str, payload: str = "", qr_code=None) -> io.NodeOutput:
         if trajectory is None:
             raise QRRLError("no trajectory: switch 'record' on in QR ControlNet Sampler (RL)")

@@ -317,8 +317,16 @@ class ComfyClient:
             body["prompt_id"] = prompt_id
         status, resp = self._request("POST", "/prompt", body, ok_statuses=(200, 400))
         if status == 200 and isinstance(resp, dict) and "prompt_id" in resp:
-            if resp.get("node_errors"):  # some outputs rejected: the recorder might be one of them
-                raise _format_node_errors(resp, api_prompt, self.url)
+            if resp.get("node_errors"):
+                # HTTP 200 with node_errors: ComfyUI dropped the outputs that failed validation (the
+                # recorder may be one) and queued the rest. Never a success: take the remnant back
+                # off the queue, so it spends no server time on outputs nobody collects.
+                error = _format_node_errors(resp, api_prompt, self.url)
+                try:
+                    self.interrupt(str(resp["prompt_id"]))
+                except ComfyError:
+                    pass
+                raise error
             return str(resp["prompt_id"])
         if isinstance(resp, dict):
             raise _format_node_errors(resp, api_prompt, self.url)

@@ -23,10 +23,15 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" -c constraints.txt torchvision==0.28.0
 "${PIP[@]}" -c constraints.txt -e ".[test]"
 
-# 3. A real ComfyUI for the integration tests, when one is present.
-COMFY="${COMFYUI_PATH:-$HOME/ComfyUI}"
-if [ -f "$COMFY/main.py" ] && [ -f "$COMFY/requirements.txt" ]; then
+# 3. A real ComfyUI for the integration tests, when one is found (scripts/find-comfyui.sh:
+#    COMFYUI_PATH, $HOME/ComfyUI, ../shared/comfyui). Its requirements come from its own folder,
+#    under the same constraints (torch stays the CPU build); the folder itself is only read.
+#    `requests` is imported by ComfyUI but missing from its requirements.
+if COMFY="$(bash scripts/find-comfyui.sh)"; then
   echo "install.sh: installing the requirements of the ComfyUI at $COMFY (integration tests)"
   "${PIP[@]}" -c constraints.txt -r "$COMFY/requirements.txt" requests
+else
+  [ $? -eq 2 ] && exit 2  # COMFYUI_PATH set to something that is not a ComfyUI
+  echo "install.sh: no ComfyUI found (COMFYUI_PATH, ~/ComfyUI, ../shared/comfyui): the real-ComfyUI tests will skip"
 fi
 echo "install.sh: ready ($VENV)"

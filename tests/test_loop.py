@@ -64,7 +64,7 @@ def test_flags_override_config_and_example_parses(tmp_path):
                                       "--server", "http://c:3", "--no-progress"])
     c = config_from_args(args)
     assert (c.name, c.rounds, c.servers, c.progress) == ("qr", 6, ["http://b:2", "http://c:3"], False)
-    example = LoopConfig.from_mapping(LoopConfig.load_toml(REPO / "examples" / "loop.toml"))
+    example = LoopConfig.from_mapping(LoopConfig.load_toml(REPO / "configs" / "loop.toml"))
     example.validate()
     assert example.backend == "comfy" and example.rounds >= 2
 
