@@ -569,6 +569,8 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     from tqdm.auto import tqdm
 
     procs, rank = accelerator.num_processes, accelerator.process_index
+    if procs > 1:
+        say(f"{procs} processes: each optimizer step's micro-batches are split between them")
     for epoch in range(start_epoch, config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
         chosen: list[tuple[int, int]] = []
@@ -578,9 +580,6 @@ def train(config: TrainConfig, log=None) -> TrainResult:
             m = max(1, round(config.timestep_fraction * len(s.active)))
             chosen.extend((n, int(k)) for k in rng.choice(s.active, size=m, replace=False))
         mbs = _micro_batches(samples, chosen, config.batch_size, rng)
-        if procs > 1:  # equal work per process or DDP hangs
-            per = max(1, len(mbs) // procs)
-            mbs = (mbs * procs)[: per * procs][rank::procs]
         model.train()
         t_ep = time.perf_counter()
         stats: dict[str, list[float]] = {"loss": [], "kl": [], "grad_norm": []}
@@ -589,11 +588,16 @@ def train(config: TrainConfig, log=None) -> TrainResult:
                    leave=False)
         for g0 in range(0, len(mbs), config.grad_accum):
             group = mbs[g0:g0 + config.grad_accum]
-            for j, mb in enumerate(group):
+            # several processes split the step's micro-batches; DDP averages their gradients, so each
+            # loss is weighted by `procs` to give one process's sum. A process with no share runs a
+            # zero-weight pass: DDP needs every process in every step. One process: the whole group.
+            mine = group[rank::procs] or group[:1]
+            weight = procs if group[rank::procs] else 0
+            for j, mb in enumerate(mine):
                 b = _batch(samples, mb, device)
                 old = torch.tensor([old_lp[u] for u in mb], device=device)
                 a = adv.values[[n for n, _ in mb]].to(device)
-                sync = j == len(group) - 1
+                sync = j == len(mine) - 1
                 ctx = accelerator.no_sync(model) if not sync else _null()
                 with ctx:
                     with accelerator.autocast():
@@ -606,7 +610,7 @@ def train(config: TrainConfig, log=None) -> TrainResult:
                         kl = gaussian_kl(mean, ref, b["std"]).mean()
                         loss = loss + config.kl_coef * kl
                         stats["kl"].append(float(kl.detach()))
-                    accelerator.backward(loss / len(group))
+                    accelerator.backward(loss / len(group) * weight)
                 stats["loss"].append(float(loss.detach()))
                 new_lps.append(lp.detach().cpu())
                 old_lps.append(old.cpu())
