@@ -20,9 +20,10 @@ Recipe, per run (one curriculum round):
  5. export the ControlNet (LoRA merged) that ComfyUI's ControlNetLoader loads, and the adapter.
 
 Randomness per epoch is derived from ``(seed, epoch)``, so a resumed run picks the same units
-as an uninterrupted one. Multi-GPU: HF Accelerate (``accelerate launch -m rl train ...``); every
-process gets the same number of micro-batches, gradients are synchronised by the prepared
-module, only the main process writes files.
+as an uninterrupted one. Multi-GPU: HF Accelerate (``accelerate launch -m rl train ...``); each
+optimizer step's micro-batches are split between the processes and weighted so that DDP's
+gradient mean is one process's sum (N processes train what one does), only the main process
+writes files.
 """
 
 from __future__ import annotations

@@ -55,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
+    from ..cli import require_extra
+
+    require_extra("train")  # the toy model is a diffusers UNet + ControlNet
     from ..errors import QRRLError
     from ..toy import PretrainConfig, pretrain
 
@@ -73,6 +76,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    from ..cli import require_extra
+
+    require_extra("train")
     import torch
 
     from ..atomic import atomic_write_json
