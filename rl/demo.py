@@ -53,11 +53,13 @@ class DemoConfig:
     group_size: int = 8  # seeds per group (advantages are normalised inside a group)
     eval_samples: int = 64
     clip_weight: float = 0.5
-    mode: str = "zero_convs"  # "zero_convs" | "lora" | "full" (see docs/demo.md, "What made it learn")
+    objective: str = "rwr"  # how the ControlNet learns from each round's shards (rl.objectives): rwr | ddpo
+    awr_beta: float = 1.0  # rwr: temperature of the sample weights exp(A/β)
+    mode: str = "zero_convs"  # "zero_convs" | "lora" | "full" (which ControlNet weights train)
     lora_rank: int = 4  # only with mode "lora"
-    lr: float = 2e-4  # --train-controlnet: 1e-3 moved the zero convs by half their norm and collapsed (docs/demo.md)
+    lr: float = 1e-3  # AdamW, one optimizer carried across the rounds
     anchor_decay: float = 0.0  # per-step pull toward the pretrained ControlNet (rl.anchor)
-    train_controlnet: bool = False  # DDPO on the ControlNet's weights too (on the toy it adds nothing: docs/demo.md)
+    train_controlnet: bool = True  # fine-tune the ControlNet's weights on each round's shards (rl.train)
     learn_schedule: bool = True  # learn the strength curve (rl.schedule_policy, docs/demo.md)
     schedule_shape: str = "level_slope"  # what the curve learns: level_slope (2 numbers) | level | per_step (rl.schedule_policy)
     schedule_sigma: float = 0.2  # log-gain exploration per learned number
@@ -81,9 +83,9 @@ class DemoConfig:
     clip_range: float = 0.2
     timestep_fraction: float = 1.0
     steps_from: float = 0.0  # DDPO on the late steps only (--train-controlnet)
-    step_weighting: str = "std"
-    train_batch_size: int = 48
-    grad_accum: int = 3  # 48 × 3 = 144 sample·steps per AdamW step: 4 steps per round of 64 × 9
+    step_weighting: str = "none"
+    train_batch_size: int = 16
+    grad_accum: int = 1
     seed: int = 0
     threads: int | None = None
     progress: bool = True
@@ -120,6 +122,10 @@ class DemoConfig:
         need(self.art_floor_weight >= 0, f"--art-floor-weight must be >= 0, got {self.art_floor_weight}")
         need(self.train_controlnet or self.learn_schedule,
              "nothing to learn: --no-learn-schedule needs --train-controlnet")
+        from .objectives import OBJECTIVES
+
+        need(self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        need(self.awr_beta > 0, f"--awr-beta must be > 0, got {self.awr_beta}")
         from .module_feedback import check_feedback
         from .schedule_policy import SHAPES, check_schedule_options
         from .train import check_training_options
@@ -296,12 +302,17 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
 
 
 def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: int, cfg: DemoConfig,
-                log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
-    """One offline DDPO round on this round's shards with ``rl.train.train``; returns the new ControlNet."""
+                log: Callable[[str], None], strength: float,
+                optimizer_from: Path | None = None) -> tuple[Path, Path, dict[str, Any]]:
+    """One offline training round on this round's shards with ``rl.train.train`` (``cfg.objective``;
+    rwr trains the plain ControlNet at the round's base ``strength``, the AdamW state carried over
+    from ``optimizer_from``, the previous round's run folder). Returns the new ControlNet and its run folder."""
     from .train import TrainConfig, train
 
     tc = TrainConfig(
         trajectories=[str(shard_folder)], checkpoint=model.unet_path, controlnet=controlnet_path, out=out,
+        objective=cfg.objective, awr_beta=cfg.awr_beta,
+        target_strength=float(strength) if cfg.objective == "rwr" else None, optimizer_from=optimizer_from,
         unet_config=model.unet_config_path, controlnet_config=model.controlnet_config_path, mode=cfg.mode,
         lora_rank=cfg.lora_rank, lr=cfg.lr, anchor_decay=cfg.anchor_decay,
         anchor_controlnet=model.controlnet_path if cfg.anchor_decay > 0 else None, epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction,
@@ -310,18 +321,35 @@ def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: 
     )
     res = train(tc, log=log)
     last = res.metrics[-1] if res.metrics else {}
-    keep = ("loss", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm")
-    return Path(res.out), {k: float(last[k]) for k in keep if k in last} | {
+    keep = ("loss", "rmse", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm")
+    return Path(res.out), res.run_dir, {k: float(last[k]) for k in keep if k in last} | {
         "logp_drift_max_abs": float(res.data.get("logp_drift_max_abs", math.nan))}
 
 
 def _evaluate(model, controlnet, strength, cfg: DemoConfig, scorer, base_images, feedback=None,
               luma_control: bool = False) -> dict[str, Any]:
+    """The fixed evaluation set at ``strength``; both art judges (the trained-on CLIP similarity and
+    the held-out structure similarity, rl.art_judge)."""
+    from .art_judge import structure_similarity
     from .toy import measure
 
     seeds = list(range(50_000 + 1000 * cfg.seed, 50_000 + 1000 * cfg.seed + cfg.eval_samples))
-    return measure(model, strength, seeds, controlnet=controlnet, scorer=scorer, base_images=base_images,
-                   feedback=feedback, luma_control=luma_control)
+    m = measure(model, strength, seeds, controlnet=controlnet, scorer=scorer, base_images=base_images,
+                feedback=feedback, luma_control=luma_control)
+    m["art_heldout"] = float(structure_similarity(m["images"], m["base_images"]).mean())
+    return m
+
+
+#: What summary.json reports for each evaluation.
+REPORT_KEYS = ("decode_rate", "module_accuracy", "art_similarity", "art_heldout", "text_similarity")
+
+
+def aim_met(plain: dict[str, dict[str, float]]) -> bool:
+    """The demo's aim: the tuned ControlNet in a plain sampler decodes >= 80% where the pretrained one
+    decodes <= 35%, with both art judges >= 95% of the pretrained one's."""
+    b, a = plain["before"], plain["after"]
+    return (a["decode_rate"] >= 0.80 and b["decode_rate"] <= 0.35
+            and a["art_similarity"] >= 0.95 * b["art_similarity"] and a["art_heldout"] >= 0.95 * b["art_heldout"])
 
 
 def learned_feedback(cfg: DemoConfig, feedback_gains=None):
@@ -384,8 +412,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     seeds = list(range(50_000 + 1000 * cfg.seed, 50_000 + 1000 * cfg.seed + cfg.eval_samples))
     base_images = sample(model, prompts, None, seeds, 0.0, record=False).images
     before = _evaluate(model, None, low, cfg, scorer, base_images)
-    say(f"before RL at strength {low}: decode {before['decode_rate']:.0%}, module accuracy "
-        f"{before['module_accuracy']:.3f}, art {before['art_similarity']:.3f}")
+    say(f"pretrained ControlNet at strength {low}: decode {before['decode_rate']:.0%}, module accuracy "
+        f"{before['module_accuracy']:.3f}, art {before['art_similarity']:.3f} (held-out judge {before['art_heldout']:.3f})")
     art_floor, budget = None, None
     level_budget = (cfg.art_budget == "level" and cfg.learn_schedule and cfg.schedule_shape != "per_step"
                     and cfg.art_floor > 0)
@@ -420,6 +448,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     # ---- rounds
     cn_path = model.controlnet_path
     controlnet = None
+    run_dir: Path | None = None  # the previous training round's folder: its AdamW state carries over
     rounds: list[dict[str, Any]] = []
     history: list[float] = []
     curve_means: list[torch.Tensor] = []  # the learned means after each round, for the averaged result
@@ -440,8 +469,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         round_shards = Path(row["shard"]).parent
         t0 = time.perf_counter()
         if cfg.train_controlnet:
-            new_path, train_stats = train_round(model, round_shards, cn_path, out / "rounds" / f"r{r:03d}" /
-                                                "controlnet.safetensors", r, cfg, lambda m: None)
+            new_path, run_dir, train_stats = train_round(model, round_shards, cn_path, out / "rounds" / f"r{r:03d}" /
+                                                         "controlnet.safetensors", r, cfg, lambda m: None,
+                                                         strength=strength, optimizer_from=run_dir)
             row.update(train_stats)
             cn_path = new_path
             controlnet = load_controlnet(cn_path, model.controlnet_config_path).requires_grad_(False)
@@ -472,8 +502,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
             f"(collect {row['collect_s']} s, train {row['train_s']} s)")
     bar.close()
     final_cn = out / "controlnet.safetensors"
-    shutil.copyfile(cn_path, final_cn.with_name(".controlnet.tmp"))
-    os.replace(final_cn.with_name(".controlnet.tmp"), final_cn)
+    if cfg.train_controlnet:  # never a copy of the untouched pretrained file that looks trained
+        shutil.copyfile(cn_path, final_cn.with_name(".controlnet.tmp"))
+        os.replace(final_cn.with_name(".controlnet.tmp"), final_cn)
     if not cfg.keep_shards:  # after the copy: the last round's ControlNet lives in rounds/
         shutil.rmtree(out / "rounds", ignore_errors=True)
 
@@ -486,6 +517,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         feedback_gains = feedback_gains.averaged(feedback_means[-keep:])
     after_strength: Any = low if schedule is None else schedule.schedule(low).tolist()
     after_feedback = learned_feedback(cfg, feedback_gains)
+    # the tuned file as anyone gets it (a stock sampler at the demo strength), and with the sampler's tricks;
+    # "tricks before" is the untrained sampler with the starting curve and gains
+    plain_after = _evaluate(model, controlnet, low, cfg, scorer, base_images) if cfg.train_controlnet else before
+    tricks_before = _evaluate(model, None, low, cfg, scorer, base_images, cfg.feedback(), cfg.luma_control)
     after = _evaluate(model, controlnet, after_strength, cfg, scorer, base_images, after_feedback, cfg.luma_control)
     positions = None
     if schedule is not None:  # the node measures progress as 1 − timestep/999 (ComfyUI's percent)
@@ -496,30 +531,38 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
                       extra=comfyui_settings(schedule.to_dict(low, positions)["keyframes"], after_feedback,
                                              cfg.luma_control))
     wall = time.perf_counter() - t_start
-    keys = ("decode_rate", "module_accuracy", "art_similarity", "text_similarity")
+    def pick(m: dict[str, Any]) -> dict[str, float]:
+        return {k: float(m[k]) for k in REPORT_KEYS}
+
+    plain = {"before": pick(before), "after": pick(plain_after)}
     summary: dict[str, Any] = {
         "model": str(model.folder), "demo_strength": low, "start_strength": high, "curriculum": cfg.curriculum,
         "strengths": [row["strength"] for row in rounds], "rounds": cfg.rounds,
         "samples_per_round": cfg.groups * cfg.group_size, "eval_samples": cfg.eval_samples,
-        "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
+        "trained_controlnet": cfg.train_controlnet, "objective": cfg.objective if cfg.train_controlnet else None,
+        "plain": plain, "tricks": {"before": pick(tricks_before), "after": pick(after)},
+        "aim_met": aim_met(plain) if cfg.train_controlnet else False,
         "art_floor": budget.floor if budget is not None else art_floor,
-        "art_price": budget.price if budget is not None else None, "trained_controlnet": cfg.train_controlnet,
+        "art_price": budget.price if budget is not None else None,
         "averaged_rounds": keep if schedule is not None else 0,
         "schedule": None if schedule is None else schedule.to_dict(low, positions),
         "module_feedback": None if after_feedback is None else asdict(after_feedback),
         "after_mean_strength": float(np.mean(after_strength)),
-        "art_similarity_change": (after["art_similarity"] - before["art_similarity"]) / max(1e-9, before["art_similarity"]),
+        "art_similarity_change": (plain_after["art_similarity"] - before["art_similarity"]) / max(1e-9, before["art_similarity"]),
         "wall_time_s": round(wall, 1), "cpu_time_s": round(time.process_time() - cpu_start, 1),
         "threads": torch.get_num_threads(), "config": {k: (str(v) if isinstance(v, Path) else v)
                                                         for k, v in asdict(cfg).items()},
-        "files": {"controlnet": str(final_cn), "curves": str(out / "curves.png"), "samples": str(out / "samples.png"),
+        "files": ({"controlnet": str(final_cn)} if cfg.train_controlnet else {})
+                 | {"curves": str(out / "curves.png"), "samples": str(out / "samples.png"),
                   "table": str(out / "table.md"), "rounds": str(out / "rounds.jsonl")}
                  | ({"schedule": str(out / "schedule.json")} if schedule is not None else {}),
     }
     atomic_write_text(out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in rounds))
     atomic_write_text(out / "table.md", before_after_table(summary))
-    plot_curves(rounds, before, after, out / "curves.png", summary["art_floor"])
-    sample_grid(base_images, before["images"], after["images"], out / "samples.png")
+    plot_curves(rounds, before, plain_after, out / "curves.png", summary["art_floor"])
+    sample_grid([("no ControlNet", base_images), ("pretrained", before["images"]),
+                 ("tuned, plain sampler", plain_after["images"]), ("tuned + tricks", after["images"])],
+                out / "samples.png")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(screen_summary(summary), flush=True)
     return DemoResult(out=out, summary=summary, rounds=rounds)
@@ -529,48 +572,59 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
 # report
 
 
+_ROWS = (("decode rate", "decode_rate", "{:.0%}"), ("module accuracy", "module_accuracy", "{:.3f}"),
+         ("art similarity (CLIP, trained on)", "art_similarity", "{:.3f}"),
+         ("art structure (SSIM, held out)", "art_heldout", "{:.3f}"),
+         ("prompt similarity (CLIP)", "text_similarity", "{:.3f}"))
+_COLUMNS = (("pretrained", "plain", "before"), ("tuned", "plain", "after"),
+            ("pretrained + tricks", "tricks", "before"), ("tuned + tricks", "tricks", "after"))
+
+
 def before_after_table(summary: dict[str, Any]) -> str:
-    """Markdown table of the before/after numbers at the demo strength."""
-    b, a = summary["before"], summary["after"]
-    rows = [("decode rate", "decode_rate", "{:.0%}"), ("module accuracy", "module_accuracy", "{:.3f}"),
-            ("art similarity (clip_image)", "art_similarity", "{:.3f}"),
-            ("prompt similarity (clip_text)", "text_similarity", "{:.3f}")]
-    lines = [f"At ControlNet strength {summary['demo_strength']} ({summary['eval_samples']} fixed evaluation samples):",
-             "", "| metric | pretrained ControlNet | after RL |", "|---|---|---|"]
-    for label, key, fmt in rows:
-        lines.append(f"| {label} | {fmt.format(b[key])} | {fmt.format(a[key])} |")
+    """Markdown table: the ControlNet before/after in a plain sampler and with the sampler's tricks."""
+    lines = [f"At ControlNet strength {summary['demo_strength']} ({summary['eval_samples']} fixed evaluation samples). "
+             "Plain: a stock sampler, as anyone loading the file gets it. Tricks: module feedback, luma-only control "
+             "and the strength curve (learned, for the tuned column).", "",
+             "| metric | " + " | ".join(c[0] for c in _COLUMNS) + " |", "|---" * (len(_COLUMNS) + 1) + "|"]
+    for label, key, fmt in _ROWS:
+        lines.append(f"| {label} | " + " | ".join(fmt.format(summary[blk][side][key]) for _, blk, side in _COLUMNS) + " |")
     sched = summary.get("schedule")
     if sched:
-        lines += ["", f"After RL the ControlNet runs on the learned strength curve (mean {summary['after_mean_strength']:.3f}; "
-                  f"per step {', '.join(f'{v:.2f}' for v in sched['schedule'])}). Keyframes for the "
-                  f"QR Scheduled ControlNet Apply node: `{sched['keyframes']}`"]
+        lines += ["", f"With tricks the tuned ControlNet runs on the learned strength curve (mean "
+                  f"{summary['after_mean_strength']:.3f}; per step {', '.join(f'{v:.2f}' for v in sched['schedule'])}). "
+                  f"Keyframes for the QR Scheduled ControlNet Apply node: `{sched['keyframes']}`"]
+    if not summary.get("trained_controlnet"):
+        lines += ["", "The ControlNet's weights were not trained in this run (--no-train-controlnet)."]
     return "\n".join(lines) + "\n"
 
 
 def screen_summary(summary: dict[str, Any]) -> str:
-    b, a = summary["before"], summary["after"]
     first, last = summary["strengths"][0], summary["strengths"][-1]
     strengths = f"base strength {first:.2f} → {last:.2f}" if first != last else f"base strength {first:.2f}"
-    return "\n".join([
-        "",
-        "=" * 66,
-        f" QR-RL demo: {summary['rounds']} RL rounds, curriculum {summary['curriculum']}, {strengths}",
-        f" evaluated at the demo strength {summary['demo_strength']} on {summary['eval_samples']} fixed samples",
-        "-" * 66,
-        f" {'':28s}{'pretrained':>14s}{'after RL':>14s}",
-        f" {'decode rate':28s}{b['decode_rate']:>14.0%}{a['decode_rate']:>14.0%}",
-        f" {'module accuracy':28s}{b['module_accuracy']:>14.3f}{a['module_accuracy']:>14.3f}",
-        f" {'art similarity':28s}{b['art_similarity']:>14.3f}{a['art_similarity']:>14.3f}",
-        f" {'prompt similarity':28s}{b['text_similarity']:>14.3f}{a['text_similarity']:>14.3f}",
-        *([f" {'mean ControlNet strength':28s}{summary['demo_strength']:>14.3f}{summary['after_mean_strength']:>14.3f}",
-           " learned strength per step: " + " ".join(f"{v:.2f}" for v in summary["schedule"]["schedule"])]
-          if summary.get("schedule") else []),
-        "-" * 66,
-        f" wall time {summary['wall_time_s'] / 60:.1f} min; report in {Path(summary['files']['table']).parent}",
-        "   summary.json, table.md, curves.png, samples.png, controlnet.safetensors"
-        + (", schedule.json" if summary.get("schedule") else ""),
-        "=" * 66,
-    ])
+    width = 24 + 13 * len(_COLUMNS)
+    heads = (("pretrained", "plain"), ("tuned", "plain"), ("pretrained", "+ tricks"), ("tuned", "+ tricks"))
+    lines = ["", "=" * width,
+             f" QR-RL demo: {summary['rounds']} rounds, curriculum {summary['curriculum']}, {strengths}, "
+             f"ControlNet {'trained (' + str(summary.get('objective')) + ')' if summary.get('trained_controlnet') else 'not trained'}",
+             f" evaluated at the demo strength {summary['demo_strength']} on {summary['eval_samples']} fixed samples",
+             "-" * width,
+             f" {'':22s}" + "".join(f"{h[0]:>13s}" for h in heads),
+             f" {'':22s}" + "".join(f"{h[1]:>13s}" for h in heads)]
+    for label, key, fmt in _ROWS:
+        short = {"art_similarity": "art (CLIP)", "art_heldout": "art (SSIM, held out)"}.get(key, label.split(" (")[0])
+        lines.append(f" {short:22s}" + "".join(f"{fmt.format(summary[blk][side][key]):>13s}" for _, blk, side in _COLUMNS))
+    if summary.get("schedule"):
+        lines.append(" learned strength per step (tricks): " + " ".join(f"{v:.2f}" for v in summary["schedule"]["schedule"]))
+    if summary.get("trained_controlnet"):
+        lines.append(f" aim (plain: >= 80% decode from <= 35%, both art judges >= 95%): "
+                     f"{'met' if summary.get('aim_met') else 'not met'}")
+    files = ["summary.json", "table.md", "curves.png", "samples.png"]
+    files += ["controlnet.safetensors"] if summary.get("trained_controlnet") else []
+    files += ["schedule.json"] if summary.get("schedule") else []
+    lines += ["-" * width,
+              f" wall time {summary['wall_time_s'] / 60:.1f} min; report in {Path(summary['files']['table']).parent}",
+              "   " + ", ".join(files), "=" * width]
+    return "\n".join(lines)
 
 
 def plot_curves(rounds: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any], path: Path,
@@ -616,18 +670,16 @@ def plot_curves(rounds: list[dict[str, Any]], before: dict[str, Any], after: dic
     save_figure(fig, path)
 
 
-def sample_grid(base: torch.Tensor, before: torch.Tensor, after: torch.Tensor, path: Path, n: int = 8,
-                scale: int = 2) -> Path:
-    """PNG: rows = no ControlNet / pretrained ControlNet / after RL, for the first ``n`` eval samples."""
+def sample_grid(rows: list[tuple[str, torch.Tensor]], path: Path, n: int = 8, scale: int = 2) -> Path:
+    """PNG: one row per ``(label, images [B,3,H,W])`` (e.g. no ControlNet / pretrained / tuned / tuned +
+    tricks), the first ``n`` evaluation samples each; the labels are in ``table.md``'s order."""
     from .image_io import save_png
     from .toy import images_hwc_uint8
 
-    n = min(n, base.shape[0])
-    rows = []
-    for imgs in (base, before, after):
+    n = min(n, rows[0][1].shape[0])
+    strips = []
+    for _, imgs in rows:
         arr = images_hwc_uint8(imgs[:n])
-        arr = np.concatenate([np.pad(a, ((2, 2), (2, 2), (0, 0)), constant_values=255) for a in arr], axis=1)
-        rows.append(arr)
-    grid = np.concatenate(rows, axis=0)
-    grid = np.kron(grid, np.ones((scale, scale, 1), dtype=np.uint8))
+        strips.append(np.concatenate([np.pad(a, ((2, 2), (2, 2), (0, 0)), constant_values=255) for a in arr], axis=1))
+    grid = np.kron(np.concatenate(strips, axis=0), np.ones((scale, scale, 1), dtype=np.uint8))
     return save_png(path, grid)

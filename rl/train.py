@@ -1,4 +1,9 @@
-"""Offline DDPO (PPO-clip) on recorded trajectory shards — the whole loop in one place.
+"""Offline fine-tuning of the ControlNet on recorded trajectory shards — the whole loop in one place.
+
+Two objectives (``rl.objectives``): ``rwr``, reward-weighted regression of the plain ControlNet
+onto the predictions the sampler recorded (self-imitation of the samples that worked, and
+distillation of the sampler's tricks into the weights), and ``ddpo``, PPO-clip on the steps'
+log-probabilities.
 
 Why offline: trajectories are sampled inside ComfyUI (any workflow, any sampler settings) and
 written as shards; this module only needs the base UNet, the ControlNet and the shards. It
@@ -9,13 +14,14 @@ Recipe, per run (one curriculum round):
  1. read shards (bad ones skipped and named), refuse another base model unless allowed, drop
     samples with non-finite rewards (counted), refuse UNet patches we cannot reproduce;
  2. group-normalised advantages (``rl.ddpo.StatTracker``);
- 3. a no-grad pass over every trainable unit (sample, step) with the *initial* policy:
-    log π_old (and D_old for the KL term) plus drift against the recording;
+ 3. ``ddpo``: a no-grad pass over every trainable unit (sample, step) with the *initial* policy:
+    log π_old (and D_old for the KL term) plus drift against the recording; ``rwr``: per-sample
+    weights ``exp(A/β)`` (its targets are the recorded predictions, so it needs no such pass);
  4. per epoch: pick a random ``timestep_fraction`` of each sample's stochastic steps inside
     the ControlNet's active range (std > 0 and strength > 0), shuffle the units, micro-batches
     of ``batch_size`` units, ``grad_accum`` micro-batches per AdamW step, grad-norm clip; each
-    unit's PPO term weighted by its step's std (``rl.ddpo.step_weights``: without it the
-    low-noise last steps, whose noise decides little, drown the rest);
+    unit's PPO term optionally weighted by its step's std (``rl.ddpo.step_weights``); the AdamW
+    state can come from the previous round's run (``optimizer_from``: one optimizer for a loop);
     metrics line + PNG curves + atomic checkpoint;
  5. export the ControlNet (LoRA merged) that ComfyUI's ControlNetLoader loads, and the adapter.
 
@@ -54,6 +60,7 @@ from .ddpo import (
 )
 from .errors import QRRLError
 from .image_io import save_figure
+from .objectives import OBJECTIVES, advantage_weights, regression_loss
 from .policy import TRAINING_MODES
 from .sampling import gaussian_log_prob, step_mean
 
@@ -87,6 +94,10 @@ class TrainConfig:
     out: str | os.PathLike[str]
     unet_config: str | os.PathLike[str] | dict | None = None
     controlnet_config: str | os.PathLike[str] | dict | None = None
+    objective: str = "ddpo"  # "ddpo" | "rwr" (rl.objectives)
+    awr_beta: float = 1.0  # rwr: temperature of the advantage weights exp(A/β) (small: only the best count)
+    target_strength: float | None = None  # rwr: train the plain ControlNet at this strength (None: each step's recorded one)
+    optimizer_from: str | os.PathLike[str] | None = None  # a previous run folder: carry its AdamW state (one optimizer for a loop)
     mode: str = "lora"  # "lora" | "full" | "zero_convs"
     lora_rank: int = 8
     lora_alpha: float | None = None
@@ -97,7 +108,7 @@ class TrainConfig:
     clip_range: float = 0.02
     timestep_fraction: float = 0.5
     steps_from: float = 0.0  # train only steps k with k / K >= steps_from (the late, detail-setting steps)
-    step_weighting: str = "std"  # "std" | "none" (rl.ddpo.step_weights)
+    step_weighting: str = "none"  # "none" | "std" (rl.ddpo.step_weights; std put ~45% of the update on step 1)
     kl_coef: float = 0.0
     anchor_decay: float = 0.0  # per-step pull toward anchor_controlnet (rl.anchor); 0 = off
     anchor_controlnet: str | os.PathLike[str] | None = None  # default: the starting --controlnet
@@ -127,6 +138,14 @@ class TrainConfig:
                 raise QRRLError(msg)
 
         need(bool(self.trajectories), "give at least one --trajectories folder")
+        need(self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        need(self.awr_beta > 0 and math.isfinite(self.awr_beta), f"--awr-beta must be > 0, got {self.awr_beta}")
+        need(self.target_strength is None or (math.isfinite(self.target_strength) and self.target_strength > 0),
+             f"--target-strength must be > 0, got {self.target_strength}")
+        need(self.objective != "rwr" or self.kl_coef == 0,
+             "--kl-coef is a ddpo option; rwr stays near the recorded predictions by construction (use --anchor-decay)")
+        need(self.optimizer_from is None or (Path(self.optimizer_from) / "checkpoint.safetensors").is_file(),
+             f"--optimizer-from {self.optimizer_from}: no checkpoint.safetensors there (give a previous run folder)")
         check_training_options(self.mode, self.step_weighting, self.anchor_decay, self.steps_from)
         need(self.lora_rank >= 1, f"--lora-rank must be >= 1, got {self.lora_rank}")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
@@ -231,7 +250,9 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
         # per-step strength; a [B,K] shard (one schedule per sample) counts a step if any sample used it
         step_strength = traj.strength if traj.strength.ndim == 1 else traj.strength.amax(0)
         first = math.ceil(config.steps_from * traj.num_steps - 1e-9)
-        active = [k for k in range(first, traj.num_steps) if traj.std[k] > 0 and step_strength[k] > 0]
+        # ddpo trains stochastic steps only; rwr also the last, deterministic one (it sets the image)
+        active = [k for k in range(first, traj.num_steps)
+                  if (traj.std[k] > 0 or config.objective == "rwr") and step_strength[k] > 0]
         bucket = (tuple(traj.cond.shape[1:]), tuple(traj.uncond.shape[1:]),
                   None if traj.strength_map is None else tuple(traj.strength_map.shape[-2:]))
         peak = float(traj.strength.max())
@@ -303,6 +324,15 @@ def _denoise(model, b: dict[str, torch.Tensor]) -> torch.Tensor:
                  strength_uncond=b["strength_uncond"], strength_map=b["strength_map"])
 
 
+def _plain_denoise(model, b: dict[str, torch.Tensor], target_strength: float | None) -> torch.Tensor:
+    """rwr: the ControlNet as a stock sampler runs it (one strength per step, no gain map; the
+    policy has no luma projection in this objective)."""
+    strength = b["strength"] if target_strength is None else torch.full_like(b["strength"], float(target_strength))
+    uncond = strength * (b["strength_uncond"] > 0).float() if target_strength is not None else b["strength_uncond"]
+    return model(b["x"], b["sigma"], b["timestep"], b["cond"], b["uncond"], b["hint"], strength, b["cfg"],
+                 strength_uncond=uncond, strength_map=None)
+
+
 def _log_prob(b: dict[str, torch.Tensor], denoised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     view = (-1, 1, 1, 1)
     mean = step_mean(b["x"], denoised.float(), b["mean_coef"].view(view))
@@ -352,6 +382,37 @@ def _save_checkpoint(path: Path, policy, optimizer, state: dict) -> None:
             tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value)
     meta = {"state": json.dumps({**state, "param_groups": opt["param_groups"]})}
     atomic_save_safetensors(tensors, path, meta)
+
+
+def _load_optimizer_state(path: Path, optimizer, lr: float) -> int:
+    """Carry a previous run's AdamW moments into this run's optimizer (its learning rate stays
+    this run's). Why: a fresh AdamW every round makes its first steps ≈ lr·sign(g) per weight,
+    whatever the gradient, a random walk the loop would pay every round. Returns the step count."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            state = json.loads((fh.metadata() or {})["state"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys() if k.startswith("optim.")}
+    except Exception as e:
+        raise QRRLError(f"--optimizer-from: {path} is unreadable ({e})") from None
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        _, idx, name = k.split(".", 2)
+        opt_state.setdefault(int(idx), {})[name] = v
+    groups = state["param_groups"]
+    own = optimizer.state_dict()["param_groups"]
+    if len(groups) != len(own) or any(len(g["params"]) != len(o["params"]) for g, o in zip(groups, own)):
+        raise QRRLError(f"--optimizer-from: {path} trained other parameters (another --mode or ControlNet); "
+                        "start without it")
+    for g, o in zip(groups, own):
+        g.update({"lr": lr, "params": o["params"]})
+    try:
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    except (ValueError, RuntimeError) as e:
+        raise QRRLError(f"--optimizer-from: {path} does not fit this run's parameters ({e})") from None
+    steps = [float(v["step"]) for v in opt_state.values() if "step" in v]
+    return int(max(steps)) if steps else 0
 
 
 def _load_checkpoint(path: Path, policy, optimizer) -> dict:
@@ -429,6 +490,63 @@ def export_controlnet(policy, out: Path, controlnet_config: dict, metadata: dict
     return out, adapter
 
 
+def _distill_gap(policy, samples: list[_Sample], units: list[tuple[int, int]], device, accelerator,
+                 config: TrainConfig, n: int = 64) -> dict[str, float]:
+    """rwr: how far the plain ControlNet's predictions are from the recorded ones, on up to ``n``
+    units (rmse, and the recorded predictions' rms as its scale). Zero means nothing to distil."""
+    pick = [units[i] for i in np.random.default_rng(0).permutation(len(units))[:n]]
+    errs, scale = [], []
+    with torch.no_grad():
+        for sub in _micro_batches(samples, pick, 2 * config.batch_size, np.random.default_rng(0)):
+            b = _batch(samples, sub, device)
+            with accelerator.autocast():
+                d = _plain_denoise(policy, b, config.target_strength)
+            errs.append((d.float() - b["recorded_denoised"]).pow(2).flatten(1).mean(1).cpu())
+            scale.append(b["recorded_denoised"].pow(2).flatten(1).mean(1).cpu())
+    return {"distill_rmse": float(torch.cat(errs).mean().sqrt()), "distill_scale": float(torch.cat(scale).mean().sqrt())}
+
+
+def _old_pass(config: TrainConfig, policy, samples: list[_Sample], units: list[tuple[int, int]], device,
+              accelerator, data: dict, say) -> tuple[dict, dict]:
+    """ddpo: log π_old (and the old means for the KL term) with the initial policy, plus the drift
+    of both against the recording."""
+    old_lp: dict[tuple[int, int], float] = {}
+    old_mean: dict[tuple[int, int], torch.Tensor] = {}
+    lp_drift, d_drift, d_scale = [], [], []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for chunk in (units[i:i + 2 * config.batch_size] for i in range(0, len(units), 2 * config.batch_size)):
+            for sub in _micro_batches(samples, chunk, 2 * config.batch_size, np.random.default_rng(0)):
+                b = _batch(samples, sub, device)
+                with accelerator.autocast():
+                    d = policy(b["x"], b["sigma"], b["timestep"], b["cond"], b["uncond"], b["hint"],
+                               b["strength"], b["cfg"], strength_uncond=b["strength_uncond"],
+                               strength_map=b["strength_map"])
+                lp, mean = _log_prob(b, d)
+                lp_drift.append((lp - b["recorded_log_prob"]).abs().cpu())
+                d_drift.append((d.float() - b["recorded_denoised"]).abs().flatten(1).max(1).values.cpu())
+                d_scale.append(b["recorded_denoised"].abs().flatten(1).max(1).values.cpu())
+                for j, u in enumerate(sub):
+                    old_lp[u] = float(lp[j])
+                    if config.kl_coef > 0:
+                        old_mean[u] = mean[j].detach().to("cpu", torch.float16 if device.type == "cuda" else torch.float32)
+    lp_drift_t, d_drift_t = torch.cat(lp_drift), torch.cat(d_drift)
+    data.update({
+        "units": len(units), "old_pass_s": time.perf_counter() - t0,
+        "logp_drift_mean_abs": float(lp_drift_t.mean()), "logp_drift_max_abs": float(lp_drift_t.max()),
+        "denoised_drift_max_abs": float(d_drift_t.max()),
+        "denoised_drift_max_rel": float((d_drift_t / torch.cat(d_scale).clamp(min=1e-6)).max()),
+    })
+    say(f"{data['samples']} samples from {data['shards']} shards ({data['shards_skipped']} skipped, "
+        f"{data['dropped_nonfinite_reward']} NaN/inf rewards dropped), {len(units)} trainable steps; "
+        f"reward {data['reward_mean']:.4f} ± {data['reward_std']:.4f}; log-prob drift vs recording "
+        f"mean {data['logp_drift_mean_abs']:.2e} max {data['logp_drift_max_abs']:.2e}")
+    if data["logp_drift_max_abs"] > 1e-2:
+        say("warning: recorded log-probs differ from recomputed ones by more than 1e-2: the shards were "
+            "probably sampled with another model, ControlNet, sampler setting or precision")
+    return old_lp, old_mean
+
+
 # --------------------------------------------------------------------------------------------
 # the loop
 
@@ -480,8 +598,9 @@ def train(config: TrainConfig, log=None) -> TrainResult:
                          gradient_checkpointing=config.gradient_checkpointing, autocast_dtype=autocast)
     policy = loaded.policy
     samples, keys, data = _load_data(config, loaded.base_sha256, loaded.controlnet_sha256, say)
-    # replay the sampler's luma-only control, if it had one (rl.luma_control)
-    policy.control_projection = projection_from_meta(data["luma_control"])
+    # ddpo replays the sampler's luma-only control, if it had one (rl.luma_control); rwr trains the
+    # plain ControlNet (the recorded predictions, tricks included, are its targets)
+    policy.control_projection = projection_from_meta(data["luma_control"]) if config.objective == "ddpo" else None
     tracker = StatTracker(buffer_size=config.stat_buffer, min_group_size=config.min_group_size, clip=config.adv_clip)
     if config.stats_from:
         tracker.load_state_dict(json.loads(Path(config.stats_from).read_text())["stat_tracker"])
@@ -505,48 +624,33 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     policy.to(device)
     std_ref = float(torch.stack([samples[n].std[k] for n, k in units]).float().mean())
     data["step_std_mean"] = std_ref
-
-    # ---- log π_old with the initial policy (before any resumed weights), drift vs recording
-    old_lp: dict[tuple[int, int], float] = {}
-    old_mean: dict[tuple[int, int], torch.Tensor] = {}
-    lp_drift, d_drift, d_scale = [], [], []
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for chunk in (units[i:i + 2 * config.batch_size] for i in range(0, len(units), 2 * config.batch_size)):
-            for sub in _micro_batches(samples, chunk, 2 * config.batch_size, np.random.default_rng(0)):
-                b = _batch(samples, sub, device)
-                with accelerator.autocast():
-                    d = policy(b["x"], b["sigma"], b["timestep"], b["cond"], b["uncond"], b["hint"],
-                               b["strength"], b["cfg"], strength_uncond=b["strength_uncond"],
-                               strength_map=b["strength_map"])
-                lp, mean = _log_prob(b, d)
-                lp_drift.append((lp - b["recorded_log_prob"]).abs().cpu())
-                d_drift.append((d.float() - b["recorded_denoised"]).abs().flatten(1).max(1).values.cpu())
-                d_scale.append(b["recorded_denoised"].abs().flatten(1).max(1).values.cpu())
-                for j, u in enumerate(sub):
-                    old_lp[u] = float(lp[j])
-                    if config.kl_coef > 0:
-                        old_mean[u] = mean[j].detach().to("cpu", torch.float16 if device.type == "cuda" else torch.float32)
-    lp_drift_t, d_drift_t = torch.cat(lp_drift), torch.cat(d_drift)
-    data.update({
-        "units": len(units), "old_pass_s": time.perf_counter() - t0,
-        "logp_drift_mean_abs": float(lp_drift_t.mean()), "logp_drift_max_abs": float(lp_drift_t.max()),
-        "denoised_drift_max_abs": float(d_drift_t.max()),
-        "denoised_drift_max_rel": float((d_drift_t / torch.cat(d_scale).clamp(min=1e-6)).max()),
-    })
-    say(f"{data['samples']} samples from {data['shards']} shards ({data['shards_skipped']} skipped, "
-        f"{data['dropped_nonfinite_reward']} NaN/inf rewards dropped), {len(units)} trainable steps; "
-        f"reward {data['reward_mean']:.4f} ± {data['reward_std']:.4f}; log-prob drift vs recording "
-        f"mean {data['logp_drift_mean_abs']:.2e} max {data['logp_drift_max_abs']:.2e}")
-    if data["logp_drift_max_abs"] > 1e-2:
-        say("warning: recorded log-probs differ from recomputed ones by more than 1e-2: the shards were "
-            "probably sampled with another model, ControlNet, sampler setting or precision")
+    data["objective"] = config.objective
+    if config.objective == "rwr":
+        sample_weights = advantage_weights(adv.values, adv.mask, config.awr_beta)
+        data.update({"units": len(units), "awr_beta": config.awr_beta,
+                     "weight_max": float(sample_weights.max()),
+                     "effective_samples": float(sample_weights.sum() ** 2 / (sample_weights**2).sum().clamp_min(1e-12))})
+        data.update(_distill_gap(policy, samples, units, device, accelerator, config))
+        say(f"{data['samples']} samples from {data['shards']} shards ({data['shards_skipped']} skipped), "
+            f"{len(units)} steps to regress; reward {data['reward_mean']:.4f} ± {data['reward_std']:.4f}; "
+            f"weights exp(A/{config.awr_beta:g}): {data['effective_samples']:.1f} effective samples; "
+            f"plain ControlNet vs recorded predictions: rmse {data['distill_rmse']:.3g}")
+        if data["distill_rmse"] <= 1e-3 * data["distill_scale"]:
+            say("warning: rwr has nothing to distil: the recorded predictions are this ControlNet's own (a plain "
+                "sampler, this ControlNet, this strength), so the regression has no gradient; record with the "
+                "sampler's tricks (module feedback, luma-only control, a strength curve) or use --objective ddpo")
+    else:
+        old_lp, old_mean = _old_pass(config, policy, samples, units, device, accelerator, data, say)
 
     # ---- optimiser, accelerate, resume
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
     model, optimizer = accelerator.prepare(policy, optimizer)
     raw = accelerator.unwrap_model(model)
+    if config.optimizer_from and not (config.resume and ckpt_path.is_file()):
+        carried = _load_optimizer_state(Path(config.optimizer_from) / "checkpoint.safetensors", optimizer, config.lr)
+        data["optimizer_from"] = str(config.optimizer_from)
+        say(f"AdamW state carried from {config.optimizer_from} (step {carried})")
     anchor = None
     if config.anchor_decay > 0:  # after prepare: the reference lives on the parameters' device
         from .anchor import WeightAnchor
@@ -583,7 +687,7 @@ def train(config: TrainConfig, log=None) -> TrainResult:
         mbs = _micro_batches(samples, chosen, config.batch_size, rng)
         model.train()
         t_ep = time.perf_counter()
-        stats: dict[str, list[float]] = {"loss": [], "kl": [], "grad_norm": []}
+        stats: dict[str, list[float]] = {"loss": [], "kl": [], "grad_norm": [], "rmse": []}
         new_lps, old_lps = [], []
         bar = tqdm(total=len(mbs), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (main and config.progress),
                    leave=False)
@@ -596,25 +700,32 @@ def train(config: TrainConfig, log=None) -> TrainResult:
             weight = procs if group[rank::procs] else 0
             for j, mb in enumerate(mine):
                 b = _batch(samples, mb, device)
-                old = torch.tensor([old_lp[u] for u in mb], device=device)
-                a = adv.values[[n for n, _ in mb]].to(device)
                 sync = j == len(mine) - 1
                 ctx = accelerator.no_sync(model) if not sync else _null()
                 with ctx:
-                    with accelerator.autocast():
-                        d = _denoise(model, b)
-                    lp, mean = _log_prob(b, d)
-                    w = step_weights(b["std"], std_ref, config.step_weighting)
-                    loss, _ = ppo_clip_loss(lp, old, a, config.clip_range, w)
-                    if config.kl_coef > 0:
-                        ref = torch.stack([old_mean[u] for u in mb]).to(device, torch.float32)
-                        kl = gaussian_kl(mean, ref, b["std"]).mean()
-                        loss = loss + config.kl_coef * kl
-                        stats["kl"].append(float(kl.detach()))
+                    if config.objective == "rwr":
+                        with accelerator.autocast():
+                            d = _plain_denoise(model, b, config.target_strength)
+                        loss, err = regression_loss(d, b["recorded_denoised"],
+                                                    sample_weights[[n for n, _ in mb]].to(device))
+                        stats["rmse"].append(float(err.mean().sqrt()))
+                    else:
+                        old = torch.tensor([old_lp[u] for u in mb], device=device)
+                        a = adv.values[[n for n, _ in mb]].to(device)
+                        with accelerator.autocast():
+                            d = _denoise(model, b)
+                        lp, mean = _log_prob(b, d)
+                        w = step_weights(b["std"], std_ref, config.step_weighting)
+                        loss, _ = ppo_clip_loss(lp, old, a, config.clip_range, w)
+                        if config.kl_coef > 0:
+                            ref = torch.stack([old_mean[u] for u in mb]).to(device, torch.float32)
+                            kl = gaussian_kl(mean, ref, b["std"]).mean()
+                            loss = loss + config.kl_coef * kl
+                            stats["kl"].append(float(kl.detach()))
+                        new_lps.append(lp.detach().cpu())
+                        old_lps.append(old.cpu())
                     accelerator.backward(loss / len(group) * weight)
                 stats["loss"].append(float(loss.detach()))
-                new_lps.append(lp.detach().cpu())
-                old_lps.append(old.cpu())
                 bar.update(1)
             gn = accelerator.clip_grad_norm_(params, config.max_grad_norm)
             stats["grad_norm"].append(float(gn) if gn is not None else math.nan)

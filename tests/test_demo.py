@@ -1,5 +1,5 @@
-"""`qr-rl demo --quick` end to end: every report file, through the real sampler, rewards and shard
-format; the ControlNet trainer path runs in `test_schedule_only_and_plain_runs`."""
+"""`qr-rl demo --quick` end to end: every report file, through the real sampler, rewards, shard
+format and the ControlNet trainer (rwr by default; ddpo in `test_schedule_only_and_plain_runs`)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,18 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     for name in ("summary.json", "table.md", "curves.png", "samples.png", "controlnet.safetensors", "rounds.jsonl"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
-    for side in ("before", "after"):
-        for key in ("decode_rate", "module_accuracy", "art_similarity"):
-            assert 0.0 <= summary[side][key] <= 1.0
+    # the report contract: the ControlNet in a plain sampler and with the tricks, before and after,
+    # judged by the trained-on art reward and by the held-out structure judge
+    assert summary["trained_controlnet"] is True and summary["objective"] == "rwr"
+    for block in ("plain", "tricks"):
+        for side in ("before", "after"):
+            for key in ("decode_rate", "module_accuracy", "art_similarity", "art_heldout"):
+                assert 0.0 <= summary[block][side][key] <= 1.0, (block, side, key)
+    assert summary["plain"]["after"] != summary["plain"]["before"]  # the tuned file is evaluated, not the old one
+    assert isinstance(summary["aim_met"], bool)
+    # one AdamW for the run: round 2's trainer starts from round 1's moments
+    run2 = json.loads((out / "rounds" / "r001" / "controlnet.run" / "result.json").read_text())
+    assert run2["data"]["optimizer_from"].endswith("controlnet.run") and run2["data"]["objective"] == "rwr"
     model = ToyModel.load()
     assert summary["strengths"][0] == pytest.approx(model.curriculum_start)  # curriculum starts higher
     assert model.demo_strength < model.curriculum_start <= model.high_strength
@@ -84,9 +93,10 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
                           controlnet=model.controlnet_path, out=tmp_path / "cn.safetensors",
                           unet_config=model.unet_config_path, controlnet_config=model.controlnet_config_path,
                           mode="zero_convs", cpu=True, progress=False), log=lambda m: None)
-    load_controlnet(out / "controlnet.safetensors", model.controlnet_config_path)  # loadable
+    tuned = load_controlnet(out / "controlnet.safetensors", model.controlnet_config_path)  # loadable, and trained
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), model.controlnet.state_dict().values()))
     printed = capsys.readouterr().out
-    assert "decode rate" in printed and "after RL" in printed
+    assert "decode rate" in printed and "tuned" in printed and "held out" in printed
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2  # never overwrites a report
 
 
@@ -98,7 +108,7 @@ def test_demo_without_shards_keeps_the_controlnet(tmp_path):
                                     progress=False), log=lambda m: None)
     assert not (res.out / "rounds").exists()
     assert (res.out / "controlnet.safetensors").stat().st_size > 0
-    assert json.loads((res.out / "summary.json").read_text())["after"]["decode_rate"] >= 0.0
+    assert json.loads((res.out / "summary.json").read_text())["plain"]["after"]["decode_rate"] >= 0.0
 
 
 def test_bad_trainer_options_are_refused_before_any_sampling(tmp_path):
@@ -120,25 +130,25 @@ def test_schedule_only_and_plain_runs(tmp_path):
     from rl.cli import main
     from rl.demo import DemoConfig
     from rl.errors import QRRLError
-    from rl.toy import ToyModel
     from rl.trajectory import read_shard
 
     out = tmp_path / "sched"
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(out),
-                 "--no-progress", "--no-module-feedback", "--art-budget", "price", "--schedule-shape", "per_step"]) == 0
+                 "--no-progress", "--no-module-feedback", "--art-budget", "price", "--schedule-shape", "per_step",
+                 "--no-train-controlnet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     assert "level_step" not in row and row["art_price"] >= 0  # the PI price, and ten per-step gains
     assert summary["schedule"]["shape"] == "per_step"
     assert not summary["trained_controlnet"] and summary["schedule"]["updates"] == 1
     assert summary["module_feedback"] is None
-    model = ToyModel.load()
-    assert (out / "controlnet.safetensors").read_bytes() == model.controlnet_path.read_bytes()
+    assert not (out / "controlnet.safetensors").exists()  # nothing trained: no file that looks trained
+    assert summary["plain"]["after"] == summary["plain"]["before"] and not summary["aim_met"]
     plain = tmp_path / "plain"
     assert main(["demo", "--quick", "--rounds", "1", "--hold-rounds", "1", "--eval-samples", "4", "--out", str(plain),
-                 "--no-progress", "--no-learn-schedule", "--train-controlnet", "--art-floor", "0"]) == 0
+                 "--no-progress", "--no-learn-schedule", "--objective", "ddpo", "--art-floor", "0"]) == 0
     summary = json.loads((plain / "summary.json").read_text())
-    assert summary["trained_controlnet"] and summary["module_feedback"]["ramp"] == 1.0
+    assert summary["trained_controlnet"] and summary["objective"] == "ddpo" and summary["module_feedback"]["ramp"] == 1.0
     row = json.loads((plain / "rounds.jsonl").read_text().splitlines()[0])
     assert read_shard(row["shard"]).strength_map is not None
     assert row["logp_drift_max_abs"] < 1e-3  # the trainer recomputes exactly what was sampled, maps included
@@ -154,7 +164,9 @@ def test_schedule_only_and_plain_runs(tmp_path):
     assert all(g == pytest.approx([0.8, 2.0]) for g in shard.meta["module_feedback"]["gains"])
     assert (summary["module_feedback"]["low"], summary["module_feedback"]["high"]) == (0.8, 2.0)
     with pytest.raises(QRRLError, match="nothing to learn"):
-        DemoConfig(out=tmp_path, learn_schedule=False).validate()  # the default trains only the curve
+        DemoConfig(out=tmp_path, learn_schedule=False, train_controlnet=False).validate()
+    with pytest.raises(QRRLError, match="objective"):
+        DemoConfig(out=tmp_path, objective="hope").validate()
     with pytest.raises(QRRLError, match="art-floor"):
         DemoConfig(out=tmp_path, art_floor=1.5).validate()
     with pytest.raises(QRRLError, match="art-price-lr"):

@@ -89,8 +89,10 @@ class World:
         return load_policy(self.unet_path, cn_path or self.cn_path, unet_config=self.unet_cfg,
                            controlnet_config=self.cn_cfg, mode="full")
 
-    def sample(self, cn_path: Path | None, seeds: list[int], folder: Path | None = None):
-        """(module score [B], sign accuracy [B]); with ``folder``, also write the shard."""
+    def sample(self, cn_path: Path | None, seeds: list[int], folder: Path | None = None, push: float = 0.0):
+        """(module score [B], sign accuracy [B]); with ``folder``, also write the shard. ``push`` adds
+        ``push × pattern`` to channel 0 of every prediction: a sampler "trick" that helps the reward,
+        which the recorded predictions then carry (what ``--objective rwr`` distils)."""
         loaded = self.policy(cn_path)
         pol, b = loaded.policy, len(seeds)
         hint = hint_image(b)
@@ -98,7 +100,11 @@ class World:
 
         def denoise(x, sigma, k):
             with torch.no_grad():
-                return pol.denoise(x, sigma, TIMESTEPS[k], cond, uncond, hint, 1.0, CFG)
+                d = pol.denoise(x, sigma, TIMESTEPS[k], cond, uncond, hint, 1.0, CFG)
+            if push:
+                d = d.clone()
+                d[:, 0] += push * pattern()
+            return d
 
         x0 = SIGMAS[0] * initial_noise((b, *LATENT), seeds)
         x, rec = sample_loop(denoise, x0, SIGMAS, eta=1.0, s_noise=1.0, seeds=seeds,
@@ -207,3 +213,83 @@ def test_it_learns(world, tmp_path):
     assert all(m["clip_fraction"] < 0.3 for m in diags), summary
     assert all(m["approx_kl"] < 0.03 for m in diags), summary
     assert any(m["clip_fraction"] > 0 for m in diags), summary  # several PPO epochs did reuse the batch
+
+
+def test_rwr_learns_with_one_optimizer_across_rounds(world, tmp_path):
+    """``--objective rwr``: 3 rounds of sample with a trick (each prediction pushed toward the
+    pattern) → shard → train the plain ControlNet → export → reload, one AdamW carried across the
+    rounds. The held-out reward of the *plain* sampler rises, paired per seed: the trick's effect
+    has moved into the weights."""
+    eval_seeds = list(range(20_000, 20_256))
+    start, start_sign = world.sample(None, eval_seeds)
+    cn_path, prev_run = world.cn_path, None
+    for rnd in range(3):
+        folder = tmp_path / f"rwr{rnd}"
+        world.sample(cn_path, [50_000 + rnd * 100 + j for j in range(32)], folder, push=1.0)
+        res = train(world.config(folder, cn_path, tmp_path / f"rwr-r{rnd}.safetensors", objective="rwr",
+                                 awr_beta=1.0, mode="full", lr=3e-3, epochs=2, batch_size=32, seed=rnd,
+                                 optimizer_from=prev_run), log=lambda m: None)
+        assert res.data["objective"] == "rwr" and res.data["effective_samples"] < 32  # the weights select
+        assert ("optimizer_from" in res.data) == (rnd > 0)
+        assert "logp_drift_max_abs" not in res.data  # no log-prob pass: the targets are the recorded predictions
+        assert res.data["distill_rmse"] > 0.1  # the recorded predictions are not the plain ControlNet's own
+        cn_path, prev_run = res.out, res.run_dir
+    end, end_sign = world.sample(cn_path, eval_seeds)
+    diff = (end - start).numpy()
+    paired_se = diff.std(ddof=1) / math.sqrt(len(diff))
+    summary = {"start": float(start.mean()), "end": float(end.mean()), "paired_se": paired_se,
+               "sign_start": float(start_sign.mean()), "sign_end": float(end_sign.mean())}
+    print(json.dumps(summary))
+    assert diff.mean() > 5 * paired_se, summary
+    assert end_sign.mean() > start_sign.mean(), summary
+
+
+def test_rwr_says_when_there_is_nothing_to_distil(world, tmp_path):
+    """Shards of the plain sampler with the same ControlNet: its predictions *are* the targets, so
+    the regression has no gradient; the trainer says so instead of pretending to learn."""
+    folder = tmp_path / "own"
+    world.sample(None, list(range(900, 916)), folder)
+    lines: list[str] = []
+    res = train(world.config(folder, world.cn_path, tmp_path / "own.safetensors", objective="rwr", mode="full",
+                             epochs=1, batch_size=16), log=lines.append)
+    assert res.data["distill_rmse"] < 1e-4
+    assert any("nothing to distil" in m for m in lines), lines
+
+
+def test_rwr_distils_recorded_predictions_into_the_plain_controlnet(world, tmp_path):
+    """Shards sampled at strength 1.0 and trained with ``--target-strength 0.5``: the plain ControlNet
+    at 0.5 moves toward the predictions recorded at 1.0 (what distilling a sampler's tricks relies on)."""
+    folder = tmp_path / "teacher"
+    world.sample(None, list(range(700, 732)), folder)
+    traj = next(iter(TrajectoryDataset([folder])))
+
+    def error(cn_path: Path) -> float:
+        pol = world.policy(cn_path).policy
+        with torch.no_grad():
+            errs = [(pol.denoise(traj.x[:, k], traj.sigma[k].expand(traj.batch_size), traj.timestep[k],
+                                 traj.cond.float(), traj.uncond.float(), traj.hint, 0.5, traj.meta["cfg"])
+                     - traj.denoised[:, k]).pow(2).mean() for k in range(traj.num_steps)]
+        return float(torch.stack(errs).mean())
+
+    res = train(world.config(folder, world.cn_path, tmp_path / "student.safetensors", objective="rwr",
+                             target_strength=0.5, mode="full", lr=3e-3, epochs=4, batch_size=32),
+                log=lambda m: None)
+    before, after = error(world.cn_path), error(res.out)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_rwr_weights_favour_high_advantage_samples():
+    from rl.objectives import advantage_weights, regression_loss
+
+    adv = torch.tensor([-1.0, 0.0, 1.0, 2.0, 5.0])
+    mask = torch.tensor([True, True, True, True, False])
+    w = advantage_weights(adv, mask, beta=1.0)
+    assert w[4] == 0 and float(w[:4].mean()) == pytest.approx(1.0)
+    assert bool((w[:4].diff() > 0).all())  # monotone in the advantage
+    assert float(advantage_weights(adv, mask, beta=0.1)[3]) > float(w[3])  # small β: the best takes more
+    assert torch.equal(advantage_weights(adv, torch.zeros(5, dtype=torch.bool), 1.0), torch.zeros(5))
+    with pytest.raises(ValueError, match="beta"):
+        advantage_weights(adv, mask, beta=0.0)
+    d, t = torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    loss, err = regression_loss(d, t, torch.tensor([1.0, 0.0]))
+    assert float(loss) == pytest.approx(0.5) and err.tolist() == [1.0, 1.0]

@@ -34,18 +34,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=None, help="seeds per group (default 8)")
     p.add_argument("--eval-samples", type=int, default=None, help="fixed evaluation samples (default 64)")
     p.add_argument("--clip-weight", type=float, default=None, help="weight of the art reward vs the scan reward (0.5)")
-    p.add_argument("--lr", type=float, default=None, help="trainer learning rate with --train-controlnet (default 2e-4)")
+    p.add_argument("--lr", type=float, default=None, help="the ControlNet trainer's AdamW learning rate (default 1e-3)")
     p.add_argument("--anchor-decay", type=float, default=None,
                    help="per-step pull of the trained weights back toward the pretrained ControlNet (default 0 = off)")
-    p.add_argument("--epochs", type=int, default=None, help="PPO epochs per round (default 1)")
+    p.add_argument("--epochs", type=int, default=None, help="training passes over each round's shards (default 1)")
     p.add_argument("--no-learn-schedule", dest="learn_schedule", action="store_false", default=None,
                    help="keep the strength constant per step instead of learning the per-step strength curve")
     p.add_argument("--train-controlnet", dest="train_controlnet", action="store_true", default=None,
-                   help="also fine-tune the ControlNet's weights with DDPO on each round's shards (on the toy "
-                   "this costs art: docs/demo.md); the shards record module feedback's gain maps, so the trainer "
-                   "replays them")
+                   help="fine-tune the ControlNet's weights on each round's shards (the default)")
     p.add_argument("--no-train-controlnet", dest="train_controlnet", action="store_false",
-                   help="learn only the strength curve and the module feedback (the default)")
+                   help="learn only the strength curve; writes no controlnet.safetensors")
+    p.add_argument("--objective", choices=("rwr", "ddpo"), default=None,
+                   help="how the ControlNet learns: rwr (default: reward-weighted regression onto the recorded "
+                        "predictions, which distils the sampler's tricks into the weights) or ddpo (PPO-clip)")
     p.add_argument("--no-module-feedback", dest="module_feedback", action="store_false", default=None,
                    help="one strength for the whole image instead of pushing harder on the modules each step's "
                         "prediction still gets wrong")
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, run_demo
 
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
-             "eval_samples", "clip_weight", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",
+             "eval_samples", "clip_weight", "objective", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",
              "learn_schedule", "train_controlnet", "schedule_shape", "mirrored", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_budget", "art_price_lr", "art_price_kp", "steps_from", "average_last",
              "module_feedback", "luma_control", "learn_feedback", "feedback_low", "feedback_high", "feedback_margin", "feedback_ramp")
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}

@@ -1,4 +1,4 @@
-"""``qr-rl train``: offline DDPO on recorded trajectory shards, exported for ComfyUI."""
+"""``qr-rl train``: offline fine-tuning of the ControlNet on recorded trajectory shards, exported for ComfyUI."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import argparse
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="fine-tune a ControlNet with DDPO (PPO-clip) on recorded trajectory shards",
-        description="Offline DDPO: recompute log-probs with the base UNet + ControlNet, train LoRA (default) "
-                    "or the full ControlNet on the recorded steps, export a ControlNet ComfyUI loads. "
+        help="fine-tune a ControlNet on recorded trajectory shards (reward-weighted regression or DDPO)",
+        description="Offline fine-tuning on recorded steps: --objective rwr regresses the plain ControlNet onto "
+                    "the recorded predictions, weighted by exp(advantage/β) (self-imitation of what scanned, and "
+                    "distillation of the sampler's tricks); --objective ddpo is PPO-clip on the steps' "
+                    "log-probabilities. Trains LoRA (default) or the full ControlNet, exports a ControlNet ComfyUI loads. "
                     "Works offline (HF_HUB_OFFLINE=1); multi-GPU with `accelerate launch -m rl train ...`.",
     )
     p.add_argument("--trajectories", nargs="+", required=True, metavar="DIR",
@@ -20,6 +22,17 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output ControlNet .safetensors (the adapter goes next to it)")
     p.add_argument("--unet-config", default=None, help="diffusers UNet config folder (default: shipped SD1.5)")
     p.add_argument("--controlnet-config", default=None, help="diffusers ControlNet config folder (default: shipped SD1.5)")
+    p.add_argument("--objective", choices=("ddpo", "rwr"), default="ddpo",
+                   help="ddpo (default): PPO-clip on the recorded steps' log-probabilities; rwr: reward-weighted "
+                        "regression of the plain ControlNet onto the recorded predictions (rl/objectives.py)")
+    p.add_argument("--awr-beta", type=float, default=1.0,
+                   help="rwr: temperature of the sample weights exp(A/β); smaller keeps only the best (default 1)")
+    p.add_argument("--target-strength", type=float, default=None,
+                   help="rwr: train the ControlNet at this one strength, the one it will be used at (default: "
+                        "each step's recorded strength)")
+    p.add_argument("--optimizer-from", default=None, metavar="RUN_DIR",
+                   help="carry the AdamW state of a previous run folder (its checkpoint.safetensors): one "
+                        "optimizer across curriculum rounds")
     p.add_argument("--mode", choices=("lora", "full", "zero_convs"), default=None,
                    help="what trains: lora (default: a LoRA adapter), full (every ControlNet weight) or "
                         "zero_convs (only the ControlNet's output projections: fewest parameters, learns from "
@@ -37,9 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps-from", type=float, default=0.0,
                    help="train only the steps from this fraction of the trajectory on, e.g. 0.7 = the last 30%% "
                         "(default 0: all); where the ControlNet's late steps decide whether the code scans")
-    p.add_argument("--step-weighting", choices=("std", "none"), default="std",
-                   help="std (default): weight each step's loss by its noise std so the low-noise last steps do "
-                        "not drown the others; none: the plain sum over steps")
+    p.add_argument("--step-weighting", choices=("std", "none"), default="none",
+                   help="ddpo: none (default): the plain mean over steps; std: weight each step's loss by its "
+                        "noise std (puts much of the update on the first, noisiest steps)")
     p.add_argument("--kl-coef", type=float, default=0.0, help="weight of the KL to the starting ControlNet (default 0)")
     p.add_argument("--anchor-decay", type=float, default=0.0,
                    help="after each optimizer step pull the weights this fraction of the way back toward "
@@ -79,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         trajectories=args.trajectories, checkpoint=args.checkpoint, controlnet=args.controlnet, out=args.out,
-        unet_config=args.unet_config, controlnet_config=args.controlnet_config,
+        unet_config=args.unet_config, controlnet_config=args.controlnet_config, objective=args.objective,
+        awr_beta=args.awr_beta, target_strength=args.target_strength, optimizer_from=args.optimizer_from,
         mode=args.mode or ("full" if args.full else "lora"), step_weighting=args.step_weighting, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr,
         weight_decay=args.weight_decay, epochs=args.epochs, clip_range=args.clip_range,
         timestep_fraction=args.timestep_fraction, steps_from=args.steps_from, kl_coef=args.kl_coef, anchor_decay=args.anchor_decay,
