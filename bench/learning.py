@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                                      **({"start_strength": args.start_strength}
                                         if args.start_strength is not None and curriculum != "none" else {}))
                     summary = run_demo(cfg, log=lambda m: None).summary
-                    return summary["after"] | {"strength": summary["after_mean_strength"]}
+                    return summary["tricks"]["after"] | {"strength": summary["after_mean_strength"]}
                 runs.append((name, rl_run))
         if "e" in arms:
             for step in (0.1, 0.2):

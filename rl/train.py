@@ -793,3 +793,54 @@ def _config_summary(config: TrainConfig) -> dict[str, Any]:
     d = asdict(config)
     return {k: (str(v) if isinstance(v, os.PathLike) else [str(x) for x in v] if k == "trajectories" else v)
             for k, v in d.items() if not isinstance(v, dict)}
+
+
+def objective_gradients(config: TrainConfig, subsets: Sequence[Sequence[int]], log=None) -> list[torch.Tensor]:
+    """The flattened gradient of ``config.objective`` at the starting weights over each subset of
+    samples (indices into the shards' samples, in reading order): the gradient-quality check of
+    ``bench/gradient_check.py``. Why: before a long learning run, two disjoint halves of a batch
+    should give updates that agree (cosine well above 0); if they do not, the update is noise.
+
+    Advantages are normalised over all samples once (as a training run would); ddpo's gradient is
+    taken at ratio 1 (the first step of a round), rwr's with its weights ``exp(A/β)``."""
+    config.validate()
+    from .convert import ensure_model_imports
+
+    ensure_model_imports()
+    from .luma_control import projection_from_meta
+    from .policy import LoraSettings, load_policy
+
+    say = log or (lambda m: None)
+    torch.manual_seed(config.seed)
+    loaded = load_policy(config.checkpoint, config.controlnet, unet_config=config.unet_config,
+                         controlnet_config=config.controlnet_config, mode=config.mode,
+                         lora=LoraSettings(config.lora_rank, config.lora_alpha))
+    policy = loaded.policy
+    samples, keys, data = _load_data(config, loaded.base_sha256, loaded.controlnet_sha256, say)
+    policy.control_projection = projection_from_meta(data["luma_control"]) if config.objective == "ddpo" else None
+    tracker = StatTracker(min_group_size=config.min_group_size, clip=config.adv_clip)
+    adv = tracker.update(keys, np.array([s.reward for s in samples]))
+    weights = advantage_weights(adv.values, adv.mask, config.awr_beta)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    std_ref = float(torch.stack([s.std[k] for s in samples for k in s.active]).float().mean())
+    out = []
+    for subset in subsets:
+        bad = [n for n in subset if not 0 <= n < len(samples)]
+        if bad:
+            raise QRRLError(f"sample indices {bad[:3]} are outside the {len(samples)} samples of the shards")
+        units = [(n, k) for n in subset if adv.mask[n] for k in samples[n].active]
+        for p in params:
+            p.grad = None
+        for mb in _micro_batches(samples, units, config.batch_size, np.random.default_rng(0)):
+            b = _batch(samples, mb, "cpu")
+            idx = [n for n, _ in mb]
+            if config.objective == "rwr":
+                loss, _ = regression_loss(_plain_denoise(policy, b, config.target_strength), b["recorded_denoised"],
+                                          weights[idx])
+            else:
+                lp, _ = _log_prob(b, _denoise(policy, b))
+                w = step_weights(b["std"], std_ref, config.step_weighting)
+                loss, _ = ppo_clip_loss(lp, lp.detach(), adv.values[idx], config.clip_range, w)
+            (loss * len(mb) / max(1, len(units))).backward()
+        out.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]).clone())
+    return out

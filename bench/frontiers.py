@@ -1,0 +1,322 @@
+"""Decode-vs-art frontiers on the toy: does the tuned ControlNet beat the simple baselines at equal art?
+
+Every arm is evaluated on the same ``--items`` fixed evaluation items (prompt, payload, seed), so
+the comparisons are paired per item. Art is judged twice: by the CLIP similarity to the base image
+that the rewards use, and by a held-out structure judge that nothing trains on
+(``rl.art_judge.structure_similarity``). The art budget is 95% of the pretrained ControlNet's art at
+the demo strength on the same items, for each judge.
+
+Arms (each a frontier: a sweep of the ControlNet strength):
+  dial            the pretrained ControlNet in a plain sampler;
+  best-of-N       the pretrained ControlNet at the demo strength, N draws per item, keep the draw
+                  with the best scan score (N = 2, 4, 8; art against that draw's own base image);
+  tricks          the pretrained ControlNet with module feedback + luma-only control, untrained:
+                  at the budget it is "the untrained sampler at the setting that spends the budget";
+  tuned-plain     the ControlNet ``qr-rl demo`` trained (rwr), loaded into a plain sampler: what
+                  anyone gets from the exported file; one per training seed and recipe;
+  tuned-tricks    the same tuned file with module feedback + luma-only control;
+  recipes: ``curriculum`` (the demo's default, 0.8 → 0.5) and ``flat`` (every round at 0.5).
+
+The headline per arm is the decode rate at the art budget, interpolated on its frontier, with a
+95% bootstrap interval over items (and seeds); differences between arms are paired per item.
+
+Run it in parts (each caches its per-item results under ``--out``), then ``--report``:
+
+    python bench/frontiers.py --out bench-out/frontiers --part baselines
+    python bench/frontiers.py --out bench-out/frontiers --part train --seed 0 --recipe curriculum
+    python bench/frontiers.py --out bench-out/frontiers --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DIAL = (0.4, 0.45, 0.5, 0.55, 0.6, 0.7)
+TRICKS = (0.3, 0.4, 0.5)
+TUNED_PLAIN = (0.4, 0.5, 0.6)
+TUNED_TRICKS = (0.3, 0.4, 0.5)
+BEST_OF = (2, 4, 8)
+EVAL_SEED0 = 70_000
+
+
+def _items(n: int):
+    from rl.toy import eval_prompts_codes
+
+    prompts, codes, _ = eval_prompts_codes(n)
+    return prompts, codes, list(range(EVAL_SEED0, EVAL_SEED0 + n))
+
+
+def evaluate(model, scorer, strength, n: int, controlnet=None, tricks: bool = False, seed_shift: int = 0,
+             batch: int = 64) -> dict[str, list[float]]:
+    """Per-item decoded (0/1), scan score, CLIP art and held-out art at ``strength``."""
+    import torch
+
+    from rl.art_judge import structure_similarity
+    from rl.demo import DemoConfig
+    from rl.scan import scan_reward
+    from rl.toy import images_hwc_uint8, sample
+
+    prompts, codes, seeds = _items(n)
+    seeds = [s + seed_shift for s in seeds]
+    fb = DemoConfig(out=".").feedback() if tricks else None
+    out: dict[str, list[float]] = {"decoded": [], "scan": [], "art": [], "art_heldout": []}
+    for i in range(0, n, batch):
+        sl = slice(i, i + batch)
+        imgs = sample(model, prompts[sl], codes[sl], seeds[sl], strength, controlnet=controlnet, record=False,
+                      feedback=fb, luma_control=tricks).images
+        base = sample(model, prompts[sl], None, seeds[sl], 0.0, record=False).images
+        scan = scan_reward(images_hwc_uint8(imgs), codes[sl])
+        art = model.art_reward(imgs, prompts[sl], base, scorer).components["clip_image"]
+        out["decoded"] += [float(v) for v in scan.components["decoded"]]
+        out["scan"] += [float(v) for v in scan.total]
+        out["art"] += [float(v) for v in art]
+        out["art_heldout"] += [float(v) for v in structure_similarity(imgs, base)]
+        del imgs, base
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return out
+
+
+def _save(path: Path, data) -> None:
+    from rl.atomic import atomic_write_json
+
+    atomic_write_json(path, data)
+
+
+def part_baselines(args, model, scorer) -> None:
+    out = Path(args.out) / "baselines.json"
+    res = json.loads(out.read_text()) if out.is_file() else {}
+    for s in DIAL:
+        key = f"dial@{s}"
+        if key not in res:
+            t0 = time.perf_counter()
+            res[key] = evaluate(model, scorer, s, args.items) | {"strength": s, "seconds": time.perf_counter() - t0}
+            _save(out, res)
+            print(f"{key}: decode {np.mean(res[key]['decoded']):.3f} art {np.mean(res[key]['art']):.3f}", flush=True)
+    for s in TRICKS:
+        key = f"tricks@{s}"
+        if key not in res:
+            t0 = time.perf_counter()
+            res[key] = evaluate(model, scorer, s, args.items, tricks=True) | {"strength": s,
+                                                                              "seconds": time.perf_counter() - t0}
+            _save(out, res)
+            print(f"{key}: decode {np.mean(res[key]['decoded']):.3f} art {np.mean(res[key]['art']):.3f}", flush=True)
+    for j in range(1, max(BEST_OF)):
+        key = f"draw{j}@{model.demo_strength}"
+        if key not in res:
+            res[key] = evaluate(model, scorer, model.demo_strength, args.items, seed_shift=7_919 * j)
+            _save(out, res)
+            print(f"{key} done", flush=True)
+
+
+def part_train(args, model, scorer) -> None:
+    from rl.convert import load_controlnet
+    from rl.demo import DemoConfig, run_demo
+
+    name = f"{args.recipe}-seed{args.seed}"
+    out = Path(args.out) / f"tuned-{name}.json"
+    res = json.loads(out.read_text()) if out.is_file() else {}
+    run_dir = Path(args.out) / "runs" / name
+    if "summary" not in res:
+        t0 = time.perf_counter()
+        cfg = DemoConfig(out=run_dir, seed=args.seed, curriculum="linear" if args.recipe == "curriculum" else "none",
+                         eval_samples=16, progress=False, keep_shards=False)
+        summary = run_demo(cfg, log=lambda m: print(f"  {name}: {m}", flush=True)).summary
+        res["summary"] = {k: summary[k] for k in ("plain", "tricks", "schedule", "wall_time_s")}
+        res["train_seconds"] = time.perf_counter() - t0
+        _save(out, res)
+    cn = load_controlnet(run_dir / "controlnet.safetensors", model.controlnet_config_path).requires_grad_(False)
+    for s in TUNED_PLAIN:
+        key = f"plain@{s}"
+        if key not in res:
+            res[key] = evaluate(model, scorer, s, args.items, controlnet=cn) | {"strength": s}
+            _save(out, res)
+            print(f"{name} {key}: decode {np.mean(res[key]['decoded']):.3f} art {np.mean(res[key]['art']):.3f}", flush=True)
+    for s in TUNED_TRICKS:
+        key = f"tricks@{s}"
+        if key not in res:
+            res[key] = evaluate(model, scorer, s, args.items, controlnet=cn, tricks=True) | {"strength": s}
+            _save(out, res)
+            print(f"{name} {key}: decode {np.mean(res[key]['decoded']):.3f} art {np.mean(res[key]['art']):.3f}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def at_budget(points: list[dict], judge: str, budget: float, idx: np.ndarray | None = None) -> float:
+    """Decode rate where the frontier (points sorted by strength) crosses ``budget`` on ``judge``;
+    NaN when the whole frontier is above or below it (no crossing, no extrapolation)."""
+    xs, ys = [], []
+    for p in sorted(points, key=lambda p: p["strength"]):
+        a, d = np.asarray(p[judge]), np.asarray(p["decoded"])
+        if idx is not None:
+            a, d = a[idx], d[idx]
+        xs.append(a.mean())
+        ys.append(d.mean())
+    xs, ys = np.array(xs), np.array(ys)  # art falls as strength rises
+    if budget > xs.max():
+        return float("nan")
+    if budget < xs.min():
+        return float(ys[np.argmin(xs)])  # the frontier never spends the budget: its strongest point
+    for i in range(len(xs) - 1):
+        lo, hi = sorted((xs[i], xs[i + 1]))
+        if lo <= budget <= hi and hi > lo:
+            t = (budget - xs[i]) / (xs[i + 1] - xs[i])
+            return float(ys[i] + t * (ys[i + 1] - ys[i]))
+    return float(ys[np.argmin(np.abs(xs - budget))])
+
+
+def best_of(base: dict, draws: list[dict], n: int) -> dict:
+    """Per item, among the first n draws, the one with the best scan score."""
+    pool = [base] + draws[: n - 1]
+    scan = np.stack([np.asarray(d["scan"]) for d in pool])
+    pick = scan.argmax(0)
+    return {k: np.stack([np.asarray(d[k]) for d in pool])[pick, np.arange(scan.shape[1])].tolist()
+            for k in ("decoded", "scan", "art", "art_heldout")}
+
+
+def report(args, model) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rl.atomic import atomic_write_text
+
+    root = Path(args.out)
+    base = json.loads((root / "baselines.json").read_text())
+    demo = model.demo_strength
+    ref = base[f"dial@{demo}"]
+    budgets = {j: 0.95 * float(np.mean(ref[j])) for j in ("art", "art_heldout")}
+    arms: dict[str, list[list[dict]]] = {}  # arm -> one frontier per seed
+    arms["dial (pretrained, plain)"] = [[base[f"dial@{s}"] for s in DIAL]]
+    arms["tricks, untrained"] = [[base[f"tricks@{s}"] for s in TRICKS]]
+    draws = [base[f"draw{j}@{demo}"] for j in range(1, max(BEST_OF)) if f"draw{j}@{demo}" in base]
+    singles: dict[str, dict] = {}
+    for n in BEST_OF:
+        if len(draws) >= n - 1:
+            singles[f"best-of-{n} (pretrained, {demo})"] = best_of(ref, draws, n)
+    for recipe in ("curriculum", "flat"):
+        files = sorted(root.glob(f"tuned-{recipe}-seed*.json"))
+        runs = [json.loads(f.read_text()) for f in files]
+        runs = [r for r in runs if all(f"plain@{s}" in r for s in TUNED_PLAIN)]
+        if runs:
+            arms[f"tuned ({recipe}), plain"] = [[r[f"plain@{s}"] for s in TUNED_PLAIN] for r in runs]
+        runs_t = [r for r in runs if all(f"tricks@{s}" in r for s in TUNED_TRICKS)]
+        if runs_t:
+            arms[f"tuned ({recipe}) + tricks"] = [[r[f"tricks@{s}"] for s in TUNED_TRICKS] for r in runs_t]
+    n_items = len(ref["decoded"])
+    rng = np.random.default_rng(0)
+    boots = [rng.integers(0, n_items, n_items) for _ in range(args.bootstrap)]
+
+    def headline(frontiers: list[list[dict]], judge: str, idx=None) -> float:
+        return float(np.nanmean([at_budget(f, judge, budgets[judge], idx) for f in frontiers]))
+
+    rows, table = [], {}
+    dial = arms["dial (pretrained, plain)"]
+    tricks = arms["tricks, untrained"]
+    for name, frontiers in arms.items():
+        cell = {}
+        for judge in ("art", "art_heldout"):
+            v = headline(frontiers, judge)
+            bs = np.array([headline(frontiers, judge, b) for b in boots])
+            d_dial = np.array([headline(frontiers, judge, b) - headline(dial, judge, b) for b in boots])
+            d_tricks = np.array([headline(frontiers, judge, b) - headline(tricks, judge, b) for b in boots])
+            cell[judge] = {"decode_at_budget": v, "ci": np.nanpercentile(bs, [2.5, 97.5]).tolist(),
+                           "vs_dial": [float(np.nanmean(d_dial)), *np.nanpercentile(d_dial, [2.5, 97.5]).tolist()],
+                           "vs_tricks": [float(np.nanmean(d_tricks)), *np.nanpercentile(d_tricks, [2.5, 97.5]).tolist()]}
+        table[name] = cell | {"seeds": len(frontiers)}
+        rows.append(name)
+    lines = [f"Toy model, {n_items} evaluation items (paired across arms), art budget = 95% of the pretrained "
+             f"ControlNet's art at {demo}: CLIP {budgets['art']:.3f}, held-out SSIM {budgets['art_heldout']:.3f}. "
+             "Decode rate at the budget, interpolated on each arm's strength sweep (mean over seeds), 95% bootstrap "
+             "intervals over items; differences paired per item.", "",
+             "| arm | seeds | decode @ CLIP budget [95% CI] | vs dial | vs untrained tricks | decode @ SSIM budget [95% CI] | vs dial |",
+             "|---|---|---|---|---|---|---|"]
+
+    def pct(v: float) -> str:
+        return "n/a" if not np.isfinite(v) else f"{v:.0%}"
+
+    for name in rows:
+        c, h = table[name]["art"], table[name]["art_heldout"]
+        lines.append(f"| {name} | {table[name]['seeds']} | {pct(c['decode_at_budget'])} [{pct(c['ci'][0])}, {pct(c['ci'][1])}] | "
+                     f"{c['vs_dial'][0]:+.0%} [{c['vs_dial'][1]:+.0%}, {c['vs_dial'][2]:+.0%}] | "
+                     f"{c['vs_tricks'][0]:+.0%} [{c['vs_tricks'][1]:+.0%}, {c['vs_tricks'][2]:+.0%}] | "
+                     f"{pct(h['decode_at_budget'])} [{pct(h['ci'][0])}, {pct(h['ci'][1])}] | "
+                     f"{h['vs_dial'][0]:+.0%} [{h['vs_dial'][1]:+.0%}, {h['vs_dial'][2]:+.0%}] |")
+    lines += ["", "Single points (not frontiers): best-of-N at the demo strength; its art is each draw against its own "
+              "base image, so it spends no strength; samples and scans per delivered image = N.", "",
+              "| arm | decode | CLIP art | SSIM art |", "|---|---|---|---|"]
+    for name, d in singles.items():
+        lines.append(f"| {name} | {np.mean(d['decoded']):.0%} | {np.mean(d['art']):.3f} | {np.mean(d['art_heldout']):.3f} |")
+    lines += ["", "Frontier points (mean over seeds): strength → decode / CLIP art / SSIM art", ""]
+    for name, frontiers in arms.items():
+        pts = []
+        for i, p in enumerate(frontiers[0]):
+            dec = np.mean([np.mean(f[i]["decoded"]) for f in frontiers])
+            art = np.mean([np.mean(f[i]["art"]) for f in frontiers])
+            ssim = np.mean([np.mean(f[i]["art_heldout"]) for f in frontiers])
+            pts.append(f"{p['strength']}: {dec:.0%} / {art:.3f} / {ssim:.3f}")
+        lines.append(f"- {name}: " + "; ".join(pts))
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(root / "frontiers.md", text)
+    from rl.atomic import atomic_write_json
+
+    atomic_write_json(root / "frontiers.json", {"budgets": budgets, "table": table})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, judge, label in ((axes[0], "art", "art: CLIP similarity (trained on)"),
+                             (axes[1], "art_heldout", "art: SSIM structure (held out)")):
+        for name, frontiers in arms.items():
+            xs = [np.mean([np.mean(f[i][judge]) for f in frontiers]) for i in range(len(frontiers[0]))]
+            ys = [np.mean([np.mean(f[i]["decoded"]) for f in frontiers]) for i in range(len(frontiers[0]))]
+            ax.plot(xs, ys, marker="o", label=name)
+        for name, d in singles.items():
+            ax.scatter([np.mean(d[judge])], [np.mean(d["decoded"])], marker="x", label=name)
+        ax.axvline(budgets[judge], color="red", ls=":", lw=1, label="art budget")
+        ax.set_xlabel(label)
+        ax.set_ylabel("decode rate")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    from rl.image_io import save_figure
+
+    save_figure(fig, root / "frontiers.png")
+    print(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench-out/frontiers")
+    ap.add_argument("--part", choices=("baselines", "train"), default=None)
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recipe", choices=("curriculum", "flat"), default="curriculum")
+    ap.add_argument("--items", type=int, default=256)
+    ap.add_argument("--bootstrap", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    import torch
+
+    from rl.toy import ToyModel
+
+    torch.set_num_threads(args.threads)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    model = ToyModel.load()
+    if args.part == "baselines":
+        part_baselines(args, model, model.clip_scorer())
+    elif args.part == "train":
+        part_train(args, model, model.clip_scorer())
+    if args.report:
+        report(args, model)
+
+
+if __name__ == "__main__":
+    main()
