@@ -273,6 +273,24 @@ def latent_feedback(model, qr_code, image: torch.Tensor, batch: int, lh: int, lw
     return LatentFeedback(fb, light.expand(batch, -1, -1), factors, getattr(lf, "latent_rgb_factors_bias", None))
 
 
+def luma_projection(model, channels: int):
+    """Luma-only control for this model: the projection and what a shard records of it
+    (:func:`rl.luma_control.latent_luma_projection`, through the model's preview colours)."""
+    from ..rl.luma_control import latent_luma_projection, latent_projection_meta
+
+    lf = model.get_model_object("latent_format")
+    factors = getattr(lf, "latent_rgb_factors", None)
+    if factors is None or getattr(lf, "latent_rgb_factors_reshape", None) is not None:
+        raise QRRLError(f"luma_control keeps the ControlNet's change in luma through the model's latent→RGB "
+                        f"preview colours, and this model's latent format ({type(lf).__name__}) has none usable; "
+                        "switch luma_control off")
+    if len(factors) != channels:
+        raise QRRLError(f"luma_control: the model's latent→RGB factors have {len(factors)} channels, the latent "
+                        f"{channels}; switch luma_control off")
+    bias = getattr(lf, "latent_rgb_factors_bias", None)
+    return latent_luma_projection(factors, bias), latent_projection_meta(factors, bias)
+
+
 # --------------------------------------------------------------------------------------------
 # the node
 
@@ -342,6 +360,12 @@ class QRControlNetSamplerRL(io.ComfyNode):
                                tooltip="Module feedback: the push on wrong modules grows over the run as "
                                "(ramp+1)*p^ramp at progress p (early previews are blurry and mostly 'wrong'). "
                                "0 = the same push at every step."),
+                io.Boolean.Input("luma_control", default=False, optional=True,
+                                 tooltip="Luma-only control: each step predicts the image with and without the "
+                                 "ControlNet and keeps only the luma of the difference (through the model's "
+                                 "latent→RGB preview colours), so the code's light/dark pattern is the "
+                                 "ControlNet's and the colours stay the art's. Costs one more model call per step "
+                                 "where the ControlNet runs. Recorded; the trainer (ddpo) replays it."),
             ],
             outputs=[
                 io.Latent.Output("LATENT", tooltip="The sampled latents."),
@@ -356,7 +380,7 @@ class QRControlNetSamplerRL(io.ComfyNode):
                 keyframes: str, start_percent: float, end_percent: float, eta: float, s_noise: float, record: bool,
                 ckpt_name: str, control_net_name: str, prompt: str = "", negative_prompt: str = "", qr_code=None,
                 feedback_low: float = 0.8, feedback_high: float = 2.0, feedback_margin: float = 0.05,
-                feedback_ramp: float = 1.0) -> io.NodeOutput:
+                feedback_ramp: float = 1.0, luma_control: bool = False) -> io.NodeOutput:
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
@@ -384,12 +408,16 @@ class QRControlNetSamplerRL(io.ComfyNode):
         if qr_code is not None:
             feedback = latent_feedback(model, qr_code, image, batch, lh, lw, feedback_low, feedback_high,
                                        feedback_margin, feedback_ramp)
+        luma = luma_meta = None
+        if luma_control:
+            luma, luma_meta = luma_projection(model, int(latent.shape[1]))
         pos, neg, sigma_strength = apply_scheduled(positive, negative, control_net, image, schedule, feedback=feedback)
         sigmas = compute_sigmas(model, scheduler, steps, denoise)
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         seeds = batch_seeds(seed, batch)
         preview = latent_preview.prepare_callback(model, len(sigmas) - 1)
         holder: dict[str, Any] = {}
+        luma_calls: list[int] = []  # steps that paid luma control's extra model call
 
         def sampler_fn(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None):
             extra_args = extra_args or {}
@@ -398,7 +426,16 @@ class QRControlNetSamplerRL(io.ComfyNode):
             def denoise_fn(xk, sigma, k):
                 if feedback is not None:
                     feedback.begin_step(xk)  # recorded: the trainer replays each step's map
-                denoised = model_k(xk, sigma * s_in, **extra_args)
+                t = sigma * s_in
+                denoised = model_k(xk, t, **extra_args)
+                if luma is not None and sigma_strength.used.get(float(t[0]), 0.0) != 0.0:
+                    sigma_strength.enabled = False  # the same step without the ControlNet: the art's prediction
+                    try:
+                        art = model_k(xk, t, **extra_args)
+                    finally:
+                        sigma_strength.enabled = True
+                    denoised = art + luma(denoised - art)
+                    luma_calls.append(k)
                 if feedback is not None:
                     feedback.observe(denoised, k, len(sigmas_in) - 1)  # the gain map for step k + 1
                 return denoised
@@ -452,6 +489,8 @@ class QRControlNetSamplerRL(io.ComfyNode):
             }
             if feedback is not None:
                 meta["module_feedback"] = {"source": "latent_preview", **asdict(feedback.feedback)}
+            if luma_meta is not None:
+                meta["luma_control"] = luma_meta  # rl.luma_control.projection_from_meta rebuilds it
             traj = QRTrajectoryData(
                 record=rec, timestep=timestep, strength=torch.tensor(strengths, dtype=torch.float32),
                 cond=_embedding(positive, batch), uncond=_embedding(negative, batch), hint=hint_u8,
@@ -463,6 +502,10 @@ class QRControlNetSamplerRL(io.ComfyNode):
             notes.append(f"module feedback: gain {fb.low:g} on right modules, {fb.high:g} on wrong ones (margin "
                          f"{fb.margin:g}, ramp {fb.ramp:g}); modules off their side after each step (latent preview): "
                          f"{shares}")
+        if luma is not None:
+            notes.append(f"luma control: the ControlNet's change kept in luma (latent preview colours); "
+                         f"{len(luma_calls)} extra model calls (one per step where the ControlNet ran, "
+                         f"{len(luma_calls)}/{len(sig_list) - 1} steps)")
         if notes:
             report += "\n" + "\n".join(notes)
         return io.NodeOutput(out, traj, report, ui={"text": [report]})

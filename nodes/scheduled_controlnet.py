@@ -57,13 +57,15 @@ class SigmaStrength:
     ``sigma_x = percent_to_sigma(x_percent)``) so a step on a border is in, as in ComfyUI;
     inside, ``p`` is clamped into the window before the curve is evaluated. Results are
     cached per (model sampling, sigma). ``used`` logs every strength handed to the ControlNet,
-    keyed by sigma, so a recorder can store exactly what was applied.
+    keyed by sigma, so a recorder can store exactly what was applied. ``enabled`` False makes
+    the ControlNet sit out (luma-only control's second prediction, without it), unlogged.
     """
 
     def __init__(self, schedule: StrengthSchedule):
         self.schedule = schedule
         self._cache: dict[tuple[int, float], float] = {}
         self.used: dict[float, float] = {}
+        self.enabled = True
 
     def strength(self, model_sampling, sigma: float) -> float:
         key = (id(model_sampling), float(sigma))
@@ -116,8 +118,11 @@ def _scheduled_class(base: type) -> type:
         if ms is None:
             raise RuntimeError("scheduled ControlNet: pre_run did not set model_sampling_current")
         sigma = float(t[0])
-        strength = self.qr_sigma_strength.strength(ms, sigma)
-        self.qr_sigma_strength.used[sigma] = strength
+        if not self.qr_sigma_strength.enabled:
+            strength = 0.0
+        else:
+            strength = self.qr_sigma_strength.strength(ms, sigma)
+            self.qr_sigma_strength.used[sigma] = strength
         if strength == 0.0:
             if self.previous_controlnet is not None:
                 return self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)

@@ -364,7 +364,7 @@ def learned_feedback(cfg: DemoConfig, feedback_gains=None):
 def comfyui_settings(keyframes: str, feedback=None, luma_control: bool = False) -> dict[str, Any]:
     """What ``schedule.json`` tells a ComfyUI user: the learned module feedback, and the exact
     widget values of the ``QR ControlNet Sampler (RL)`` node that apply the learned curve and gains
-    (and, with ``luma_control``, that the node cannot apply that part: rl.luma_control)."""
+    (and, with ``luma_control``, its ``luma_control`` switch: rl.luma_control)."""
     inputs: dict[str, Any] = {"curve": "keyframes", "keyframes": keyframes, "start_percent": 0.0, "end_percent": 1.0}
     out: dict[str, Any] = {}
     if feedback is not None:
@@ -375,8 +375,10 @@ def comfyui_settings(keyframes: str, feedback=None, luma_control: bool = False) 
     out["comfyui_inputs"] = {"node": "QRControlNetSamplerRL", "inputs": inputs}
     if luma_control:
         out["luma_control"] = True
-        out["comfyui_inputs"]["note"] = ("the demo sampled with luma-only control (rl.luma_control), which this node "
-                                         "does not have yet: these inputs reproduce the curve and the feedback only")
+        inputs["luma_control"] = True
+        out["comfyui_inputs"]["note"] = ("the demo sampled with luma-only control (rl.luma_control); the node's "
+                                         "luma_control keeps luma through the model's latent preview colours, an "
+                                         "approximation of the toy's exact RGB latent")
     return out
 
 

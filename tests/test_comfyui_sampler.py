@@ -245,3 +245,68 @@ def test_module_feedback_refuses_a_foreign_code(comfy_server):
     wf["95"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "fb_foreign"}}
     set_inputs(wf, "RL Sampler", qr_code=["94", 2])
     _refusal(comfy_server, wf, "qr_code does not match the hint image")
+
+
+# ---- luma-only control: the ControlNet's change kept in luma, through the model's preview colours
+
+SD15_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
+                         [-0.2120, -0.2616, -0.7177]], dtype=torch.float64)  # ComfyUI's SD15 latent_rgb_factors
+
+
+def _rgb(latent: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bchw,cd->bdhw", latent.double(), SD15_RGB)
+
+
+def _luma_chroma(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    y = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+    return y, rgb - y[:, None]
+
+
+def test_luma_control_off_is_todays_sampler_and_on_changes_only_the_luma(comfy_server, tiny_sd_files, tmp_path):
+    from rl.luma_control import projection_from_meta
+    from rl.train import TrainConfig, train
+
+    common = {"batch": 2, "steps": 4, "seed": 51}
+    today, _ = _run_shard(comfy_server, tiny_collect(run_name="t-luma-today", **common))
+    off, _ = _run_shard(comfy_server, tiny_collect(run_name="t-luma-off", luma_control=False, **common))
+    wf = tiny_collect(run_name="t-luma-on", luma_control=True, **common)
+    on, entry = _run_shard(comfy_server, wf)
+    art, _ = _run_shard(comfy_server, tiny_collect(run_name="t-luma-art", curve="constant", strength_start=0.0,
+                                                   strength_end=0.0, **common))
+    # off: today's sampler, bit for bit, and nothing new in the shard
+    for name in ("x", "denoised", "log_prob"):
+        assert torch.equal(getattr(today, name), getattr(off, name)), name
+    assert not today.meta.get("luma_control") and not off.meta.get("luma_control")
+    # on: the same start; at step 0 (same x) D_on = D_art + P(D_cn − D_art), whose preview is grey
+    assert torch.equal(on.x[:, 0], today.x[:, 0]) and torch.equal(art.x[:, 0], today.x[:, 0])
+    d_cn, d_art, d_on = today.denoised[:, 0].double(), art.denoised[:, 0].double(), on.denoised[:, 0].double()
+    y_cn, c_cn = _luma_chroma(_rgb(d_cn - d_art))
+    y_on, c_on = _luma_chroma(_rgb(d_on - d_art))
+    scale = float(_rgb(d_cn - d_art).abs().max())
+    assert float(c_cn.abs().max()) > 0.1 * scale, "the ControlNet moved no colour: nothing to test"
+    assert float(c_on.abs().max()) < 1e-4 * scale  # no colour change left (float32 rounding only) ...
+    assert torch.allclose(y_on, y_cn, atol=1e-4 * scale)  # ... and the ControlNet's luma change, whole
+    spec = on.meta["luma_control"]
+    assert spec["kind"] == "latent_luma" and spec["bias"] is None
+    assert torch.allclose(torch.tensor(spec["factors"], dtype=torch.float64), SD15_RGB)
+    project = projection_from_meta(spec)
+    assert torch.allclose(d_on, d_art + project(d_cn - d_art), atol=1e-5)
+    report = entry["outputs"][node_id(wf, "RL Sampler")]["text"][0]
+    assert "luma control" in report and "4 extra model calls" in report, report
+    # the trainer (ddpo) rebuilds the projection from the shard and recomputes what ComfyUI sampled
+    res = train(TrainConfig(trajectories=[str(on.path)], checkpoint=tiny_sd_files.checkpoint,
+                            controlnet=tiny_sd_files.controlnet, out=tmp_path / "cn.safetensors",
+                            unet_config=tiny_sd_files.config_dir / "unet",
+                            controlnet_config=tiny_sd_files.config_dir / "controlnet", epochs=1, cpu=True,
+                            progress=False), log=lambda m: None)
+    assert res.data["luma_control"] == spec
+    assert res.data["logp_drift_max_abs"] < 1e-3, res.data
+
+
+def test_luma_control_skips_the_extra_call_where_the_controlnet_sits_out(comfy_server):
+    wf = tiny_collect(seed=52, steps=4, record=False, luma_control=True, start_percent=0.0, end_percent=0.5)
+    del wf[node_id(wf, "Recorder")]
+    wf["96"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "luma_window"}}
+    report = comfy_server.run(wf, timeout=240)["outputs"][node_id(wf, "RL Sampler")]["text"][0]
+    calls = int(report.split("luma control")[1].split(" extra model calls")[0].rsplit(" ", 1)[1])
+    assert 0 < calls < 4, report

@@ -89,3 +89,56 @@ def test_the_trainer_rebuilds_the_projection_a_shard_names_and_refuses_mixtures(
                      mode="zero_convs", cpu=True, progress=False)
     with pytest.raises(QRRLError, match="one sampler setting"):
         train(tc)
+
+
+SD15_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+SDXL_RGB = [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]]
+
+
+@pytest.mark.parametrize("factors", [SD15_RGB, SDXL_RGB], ids=["sd15", "sdxl"])
+def test_latent_luma_projection_keeps_the_preview_luma_and_drops_its_colour(factors):
+    """VAE latents: through the linear latent→RGB map (ComfyUI's preview colours) the projected change is
+    grey with the original's luma; the projection is idempotent and what a shard records rebuilds it."""
+    from rl.luma_control import (
+        latent_luma_projection,
+        latent_projection_meta,
+        projection_from_meta,
+        projection_leak,
+    )
+
+    project = latent_luma_projection(factors)
+    m = project.matrix
+    assert torch.allclose(m @ m, m, atol=1e-12) and int(torch.linalg.matrix_rank(m)) == 1
+    f = torch.tensor(factors)
+    delta = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def rgb(z):
+        return torch.einsum("bchw,cd->bdhw", z, f)
+
+    before, after = rgb(delta), rgb(project(delta))
+    assert torch.allclose(_luma(after), _luma(before), atol=1e-5)
+    assert torch.allclose(after[:, 0], after[:, 1], atol=1e-5) and torch.allclose(after[:, 1], after[:, 2], atol=1e-5)
+    leak = projection_leak(project, factors)
+    assert leak["chroma_leak"] < 1e-12 and leak["luma_error"] < 1e-12  # exact through the linear map (float64)
+    assert 0.05 < leak["chroma_removed"] < 0.5  # a random latent change is partly colour: that part goes
+    spec = latent_projection_meta(factors, [0.1, 0.0, -0.1])
+    assert json.loads(json.dumps(spec)) == spec and spec["kind"] == "latent_luma"
+    assert torch.equal(projection_from_meta(spec)(delta), project(delta))  # the bias cancels in a difference
+
+
+def test_latent_luma_projection_refuses_what_it_cannot_use():
+    from rl.errors import QRRLError
+    from rl.luma_control import latent_luma_projection, projection_from_meta
+
+    with pytest.raises(QRRLError, match="latent→RGB approximation"):
+        latent_luma_projection(None)
+    with pytest.raises(QRRLError, match=r"\[C, 3\]"):
+        latent_luma_projection([[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(QRRLError, match="rank < 3"):
+        latent_luma_projection([[1.0, 1.0, 1.0]] * 4)
+    with pytest.raises(QRRLError, match="bias"):
+        latent_luma_projection(SD15_RGB, [0.0, float("nan"), 0.0])
+    with pytest.raises(QRRLError, match="4 channels"):
+        latent_luma_projection(SD15_RGB)(torch.zeros(1, 16, 8, 8))
+    with pytest.raises(QRRLError, match="unknown luma control"):
+        projection_from_meta({"kind": "latent_luma"})
