@@ -24,7 +24,13 @@ from ..rl.hashing import sha256_file
 from ..rl.sampling import TrajectoryRecord, batch_seeds, sample_loop
 from ..rl.schedule import StrengthSchedule
 from ._common import CATEGORY, QRCodeType, TrajectoryType
-from .scheduled_controlnet import apply_scheduled, build_schedule, schedule_inputs
+from .scheduled_controlnet import (
+    SigmaStrength,
+    apply_scheduled,
+    build_schedule,
+    per_sample_schedules,
+    schedule_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +372,11 @@ class QRControlNetSamplerRL(io.ComfyNode):
                                  "latent→RGB preview colours), so the code's light/dark pattern is the "
                                  "ControlNet's and the colours stay the art's. Costs one more model call per step "
                                  "where the ControlNet runs. Recorded; the trainer (ddpo) replays it."),
+                io.String.Input("keyframes_per_sample", default="", multiline=True, optional=True,
+                                tooltip="One strength curve per image: one keyframes line per batch item, in the "
+                                "format of keyframes ('0:1.6, 0.4:1.2, 1:0.8'), inside the start/end window. "
+                                "Replaces curve/strength_start/strength_end/keyframes; recorded per sample. Empty: "
+                                "one curve for the whole batch."),
             ],
             outputs=[
                 io.Latent.Output("LATENT", tooltip="The sampled latents."),
@@ -380,7 +391,8 @@ class QRControlNetSamplerRL(io.ComfyNode):
                 keyframes: str, start_percent: float, end_percent: float, eta: float, s_noise: float, record: bool,
                 ckpt_name: str, control_net_name: str, prompt: str = "", negative_prompt: str = "", qr_code=None,
                 feedback_low: float = 0.8, feedback_high: float = 2.0, feedback_margin: float = 0.05,
-                feedback_ramp: float = 1.0, luma_control: bool = False) -> io.NodeOutput:
+                feedback_ramp: float = 1.0, luma_control: bool = False,
+                keyframes_per_sample: str = "") -> io.NodeOutput:
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
@@ -411,7 +423,10 @@ class QRControlNetSamplerRL(io.ComfyNode):
         luma = luma_meta = None
         if luma_control:
             luma, luma_meta = luma_projection(model, int(latent.shape[1]))
-        pos, neg, sigma_strength = apply_scheduled(positive, negative, control_net, image, schedule, feedback=feedback)
+        per_sample = per_sample_schedules(keyframes_per_sample, batch, schedule)
+        sigma_strength = SigmaStrength(schedule, per_sample)
+        pos, neg, sigma_strength = apply_scheduled(positive, negative, control_net, image, schedule, feedback=feedback,
+                                                   sigma_strength=sigma_strength)
         sigmas = compute_sigmas(model, scheduler, steps, denoise)
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         seeds = batch_seeds(seed, batch)
@@ -466,6 +481,14 @@ class QRControlNetSamplerRL(io.ComfyNode):
             notes.append(f"the ControlNet did not run at steps {missing} (strength 0 recorded)")
         report = (f"{SAMPLER_NAME}: {len(sig_list) - 1} steps, eta={eta:g}, s_noise={s_noise:g}, batch {batch}; "
                   f"strength per step: {', '.join(f'{v:.3g}' for v in strengths)}")
+        strength_table = torch.tensor(strengths, dtype=torch.float32)
+        if per_sample is not None:  # [B,K]: each sample's own curve, as applied
+            zeros = (0.0,) * batch
+            rows = [sigma_strength.used_per_sample.get(s, zeros) for s in sig_list[:-1]]
+            strength_table = torch.tensor(rows, dtype=torch.float32).T.contiguous()
+            report = report.replace("strength per step:", "largest strength per step:")
+            notes.append("strength per sample (keyframes_per_sample): " + " | ".join(
+                ", ".join(f"{v:.3g}" for v in row) for row in strength_table.tolist()))
         traj = None
         if record:
             rec: TrajectoryRecord = holder["record"]
@@ -480,7 +503,7 @@ class QRControlNetSamplerRL(io.ComfyNode):
             meta = {
                 "cfg": float(cfg), "eta": float(eta), "s_noise": float(s_noise), "sampler": SAMPLER_NAME,
                 "scheduler": scheduler, "seeds": seeds, "prompts": [prompt or ""] * batch,
-                "negative_prompt": negative_prompt or "", "strength_schedule": schedule.to_spec(),
+                "negative_prompt": negative_prompt or "", "strength_schedule": None if per_sample else schedule.to_spec(),
                 "start_percent": schedule.start_percent, "end_percent": schedule.end_percent,
                 "apply_to_uncond": True, "base_sha256": base_sha, "controlnet_sha256": cn_sha,
                 "model_patches": [], "pack_version": PACK_VERSION, "comfyui_version": _comfy_version(),
@@ -489,10 +512,12 @@ class QRControlNetSamplerRL(io.ComfyNode):
             }
             if feedback is not None:
                 meta["module_feedback"] = {"source": "latent_preview", **asdict(feedback.feedback)}
+            if per_sample is not None:
+                meta["strength_schedules"] = [q.to_spec() for q in per_sample]
             if luma_meta is not None:
                 meta["luma_control"] = luma_meta  # rl.luma_control.projection_from_meta rebuilds it
             traj = QRTrajectoryData(
-                record=rec, timestep=timestep, strength=torch.tensor(strengths, dtype=torch.float32),
+                record=rec, timestep=timestep, strength=strength_table,
                 cond=_embedding(positive, batch), uncond=_embedding(negative, batch), hint=hint_u8,
                 meta=meta, notes=notes,
             )

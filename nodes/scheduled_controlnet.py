@@ -18,8 +18,11 @@ cond/uncond chunks exactly as ComfyUI broadcasts the hint.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from comfy_api.latest import io
 
+from ..rl.errors import QRRLError
 from ..rl.schedule import CURVES, StrengthSchedule
 from ._common import CATEGORY
 
@@ -61,13 +64,25 @@ class SigmaStrength:
     the ControlNet sit out (luma-only control's second prediction, without it), unlogged.
     """
 
-    def __init__(self, schedule: StrengthSchedule):
+    def __init__(self, schedule: StrengthSchedule, per_sample: Sequence[StrengthSchedule] | None = None):
+        if per_sample is not None and any((q.start_percent, q.end_percent) != (schedule.start_percent,
+                                                                                schedule.end_percent)
+                                          for q in per_sample):
+            raise ValueError("per-sample schedules must share the window (start/end percent) of the schedule")
         self.schedule = schedule
-        self._cache: dict[tuple[int, float], float] = {}
+        #: one schedule per batch item (the RL sampler's keyframes_per_sample), or None: one for all
+        self.per_sample = tuple(per_sample) if per_sample else None
+        self._cache: dict[tuple[int, float], tuple[float, ...]] = {}
         self.used: dict[float, float] = {}
+        self.used_per_sample: dict[float, tuple[float, ...]] = {}
         self.enabled = True
 
     def strength(self, model_sampling, sigma: float) -> float:
+        """The step's strength (per-sample schedules: the largest, 0 only when every sample's is 0)."""
+        return max(self.sample_strengths(model_sampling, sigma))
+
+    def sample_strengths(self, model_sampling, sigma: float) -> tuple[float, ...]:
+        """The step's strength for each per-sample schedule (one value without them)."""
         key = (id(model_sampling), float(sigma))
         hit = self._cache.get(key)
         if hit is not None:
@@ -75,23 +90,26 @@ class SigmaStrength:
         s = self.schedule
         hi = model_sampling.percent_to_sigma(s.start_percent)
         lo = model_sampling.percent_to_sigma(s.end_percent)
+        schedules = self.per_sample or (s,)
         if sigma > hi or sigma < lo:
-            value = 0.0
+            value = (0.0,) * len(schedules)
         else:
             p = self._snap(model_sampling, float(sigma))
             if p is None:
                 p = min(max(sigma_to_percent(model_sampling, float(sigma)), s.start_percent), s.end_percent)
-            value = float(s.strength_at(p))
+            value = tuple(float(q.strength_at(p)) for q in schedules)
         if len(self._cache) > 4096:
             self._cache.clear()
         self._cache[key] = value
         return value
 
     def _breakpoints(self) -> list[float]:
-        """Progress values where the curve may jump (window borders, step, keyframes)."""
+        """Progress values where a curve may jump (window borders, step, keyframes)."""
         s = self.schedule
         width = s.end_percent - s.start_percent
-        qs = [0.0, 1.0, s.step_at, *(q for q, _ in s.keyframes)]
+        qs = {0.0, 1.0}
+        for q in self.per_sample or (s,):
+            qs |= {q.step_at, *(k for k, _ in q.keyframes)}
         return sorted({min(max(s.start_percent + q * width, 0.0), 1.0) for q in qs})
 
     def _snap(self, model_sampling, sigma: float) -> float | None:
@@ -121,20 +139,34 @@ def _scheduled_class(base: type) -> type:
         if not self.qr_sigma_strength.enabled:
             strength = 0.0
         else:
-            strength = self.qr_sigma_strength.strength(ms, sigma)
-            self.qr_sigma_strength.used[sigma] = strength
+            ss = self.qr_sigma_strength
+            samples = ss.sample_strengths(ms, sigma)
+            strength = max(samples)
+            ss.used[sigma] = strength
+            ss.used_per_sample[sigma] = samples
         if strength == 0.0:
             if self.previous_controlnet is not None:
                 return self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
             return None
-        self.strength = strength
+        if self.qr_sigma_strength.per_sample is None:
+            self.strength = strength
+            self.qr_sample_gain = None
+        else:  # one strength per sample: ComfyUI's scalar stays 1, control_merge scales each sample
+            self.strength = 1.0
+            self.qr_sample_gain = samples
         self.qr_batched_number = batched_number
         return base.get_control(self, x_noisy, t, cond, batched_number, transformer_options)
 
     def control_merge(self, control, control_prev, output_dtype):
+        import torch
+
         feedback = getattr(self, "qr_feedback", None)
-        if feedback is not None and feedback.map is not None:
-            gain = feedback.map
+        gain = feedback.map if feedback is not None and feedback.map is not None else None
+        samples = getattr(self, "qr_sample_gain", None)
+        if samples is not None:
+            per = torch.tensor(samples, dtype=torch.float32).view(-1, 1, 1, 1)
+            gain = per if gain is None else gain * per.to(gain.device)
+        if gain is not None:
             control = {key: [None if x is None else _with_gain(x, gain, self.qr_batched_number) for x in outputs]
                        for key, outputs in control.items()}
         return base.control_merge(self, control, control_prev, output_dtype)
@@ -144,6 +176,7 @@ def _scheduled_class(base: type) -> type:
         c.__class__ = type(self)
         c.qr_sigma_strength = self.qr_sigma_strength
         c.qr_feedback = getattr(self, "qr_feedback", None)
+        c.qr_sample_gain = getattr(self, "qr_sample_gain", None)
         return c
 
     cls = type(f"QRScheduled{base.__name__}", (base,),
@@ -159,6 +192,8 @@ def _with_gain(x, gain, batched_number: int):
     from ..rl.module_feedback import scale_residual
 
     g = broadcast_image_to(gain.to(x.device), x.shape[0], batched_number)
+    if g.shape[-2:] == (1, 1):  # one strength per sample, no map
+        return x * g.to(x.dtype)
     return scale_residual(x, g)
 
 
@@ -179,6 +214,7 @@ def scheduled_copy(control_net, hint_bchw, schedule: StrengthSchedule, sigma_str
     c.__class__ = _scheduled_class(type(c))
     c.qr_sigma_strength = sigma_strength
     c.qr_feedback = feedback
+    c.qr_sample_gain = None
     return c
 
 
@@ -234,6 +270,25 @@ def build_schedule(curve: str, strength_start: float, strength_end: float, keyfr
     return StrengthSchedule(curve=curve, strength_start=strength_start, strength_end=strength_end,
                             start_percent=start_percent, end_percent=end_percent,
                             keyframes=keyframes if curve == "keyframes" else ())
+
+
+def per_sample_schedules(text: str, batch: int, schedule: StrengthSchedule) -> list[StrengthSchedule] | None:
+    """``keyframes_per_sample``: one keyframes line per batch item (blank lines ignored), in the
+    window of ``schedule``; None when ``text`` is blank (one curve for the whole batch)."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    if not lines:
+        return None
+    if len(lines) != batch:
+        raise QRRLError(f"keyframes_per_sample has {len(lines)} lines for a batch of {batch}: give one keyframes "
+                        "line per image (e.g. '0:1.6, 1:0.8'), or leave it empty for one curve for all")
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(StrengthSchedule(curve="keyframes", keyframes=line, start_percent=schedule.start_percent,
+                                        end_percent=schedule.end_percent))
+        except (QRRLError, ValueError) as e:
+            raise QRRLError(f"keyframes_per_sample line {i + 1} ({line!r}): {e}") from None
+    return out
 
 
 def strengths_for_sigmas(sigma_strength: SigmaStrength, model_sampling, sigmas) -> list[float]:

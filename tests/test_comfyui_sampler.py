@@ -310,3 +310,44 @@ def test_luma_control_skips_the_extra_call_where_the_controlnet_sits_out(comfy_s
     report = comfy_server.run(wf, timeout=240)["outputs"][node_id(wf, "RL Sampler")]["text"][0]
     calls = int(report.split("luma control")[1].split(" extra model calls")[0].rsplit(" ", 1)[1])
     assert 0 < calls < 4, report
+
+
+# ---- one strength curve per sample (keyframes_per_sample): what qr-rl loop needs to learn the curve
+
+
+def test_keyframes_per_sample_gives_each_image_its_curve_and_the_trainer_replays_it(comfy_server, tiny_sd_files,
+                                                                                     tmp_path):
+    from rl.train import TrainConfig, train
+
+    a, b = "0:1.6, 1:0.4", "0:0.3, 0.5:2, 1:0.8"
+    common = {"batch": 2, "steps": 4, "seed": 61}
+    wf = tiny_collect(run_name="t-per-sample", keyframes_per_sample=f"{a}\n{b}\n", **common)
+    mixed, entry = _run_shard(comfy_server, wf)
+    only_a, _ = _run_shard(comfy_server, tiny_collect(run_name="t-curve-a", curve="keyframes", keyframes=a, **common))
+    only_b, _ = _run_shard(comfy_server, tiny_collect(run_name="t-curve-b", curve="keyframes", keyframes=b, **common))
+    # recorded per sample [B,K]: each row is that sample's curve, as the batch-wide curve records it
+    assert mixed.strength.shape == (2, 4)
+    assert torch.allclose(mixed.strength[0], only_a.strength, atol=1e-6)
+    assert torch.allclose(mixed.strength[1], only_b.strength, atol=1e-6)
+    assert not torch.allclose(only_a.strength, only_b.strength, atol=1e-2)
+    # each image is the one its curve gives in a batch that runs that curve for all
+    assert torch.allclose(mixed.x[0], only_a.x[0], atol=1e-5) and torch.allclose(mixed.x[1], only_b.x[1], atol=1e-5)
+    assert float((mixed.x[1] - only_a.x[1]).abs().max()) > 1e-3
+    meta = mixed.meta
+    assert meta["strength_schedule"] is None and [s["keyframes"] for s in meta["strength_schedules"]] == [
+        [[0.0, 1.6], [1.0, 0.4]], [[0.0, 0.3], [0.5, 2.0], [1.0, 0.8]]]
+    report = entry["outputs"][node_id(wf, "RL Sampler")]["text"][0]
+    assert "strength per sample (keyframes_per_sample)" in report, report
+    res = train(TrainConfig(trajectories=[str(mixed.path)], checkpoint=tiny_sd_files.checkpoint,
+                            controlnet=tiny_sd_files.controlnet, out=tmp_path / "cn.safetensors",
+                            unet_config=tiny_sd_files.config_dir / "unet",
+                            controlnet_config=tiny_sd_files.config_dir / "controlnet", epochs=1, cpu=True,
+                            progress=False), log=lambda m: None)
+    assert res.data["logp_drift_max_abs"] < 1e-3, res.data
+
+
+def test_keyframes_per_sample_needs_one_line_per_image(comfy_server):
+    wf = tiny_collect(batch=2, seed=62, steps=2, keyframes_per_sample="0:1, 1:0.5")
+    _refusal(comfy_server, wf, "1 lines for a batch of 2")
+    wf = tiny_collect(batch=1, seed=63, steps=2, keyframes_per_sample="0:1, 0.5")
+    _refusal(comfy_server, wf, "keyframes_per_sample line 1")
