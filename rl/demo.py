@@ -92,6 +92,25 @@ class DemoConfig:
     keep_shards: bool = True
 
     @classmethod
+    def toml_settings(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Settings from a TOML file (``configs/demo.toml`` documents every key; a ``[demo]`` table or
+        top-level keys, dashes accepted for underscores). Unknown keys are refused."""
+        from dataclasses import fields
+
+        from .loop import LoopConfig
+
+        data = LoopConfig.load_toml(path)
+        if set(data) == {"demo"} and isinstance(data["demo"], dict):
+            data = data["demo"]
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
+        data.pop("loop", None)
+        known = {f.name for f in fields(cls)} - {"out"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise QRRLError(f"{path}: unknown demo settings {unknown}; see configs/demo.toml for every key")
+        return data
+
+    @classmethod
     def quick(cls, out: str | os.PathLike[str], **kw: Any) -> DemoConfig:
         """The ≤ 2-minute settings the tests use (2 rounds × 8 samples, 8 eval samples; the linear
         curriculum, so that path runs too)."""

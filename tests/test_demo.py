@@ -229,3 +229,30 @@ def test_curriculum_starts_where_most_samples_scan():
     assert start["decode_rate"] >= 0.8
     assert all(row["decode_rate"] < 0.8 for row in above if row["strength"] < start["strength"])
     assert model.demo_strength < model.curriculum_start <= model.high_strength
+
+
+def test_demo_config_file_documents_every_default(tmp_path):
+    """configs/demo.toml lists the demo's settings at their defaults (one default per setting), a file
+    can change them, unknown keys are refused, and --help shows only the few everyday flags."""
+    import subprocess
+    import sys
+    from dataclasses import fields
+    from pathlib import Path
+
+    from rl.demo import DemoConfig
+    from rl.errors import QRRLError
+
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+    settings = DemoConfig.toml_settings(shipped)
+    defaults = DemoConfig(out=tmp_path)
+    assert settings and all(getattr(defaults, k) == v for k, v in settings.items()), settings
+    optional = {"out", "model", "start_strength", "strength", "threads", "progress"}  # commented or run-time
+    assert {f.name for f in fields(DemoConfig)} - optional <= set(settings)
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[demo]\nrounds = 3\nfeedback-high = 2.5\n')
+    assert DemoConfig.toml_settings(mine) == {"rounds": 3, "feedback_high": 2.5}
+    mine.write_text('rounds = 3\nwobble = 1\n')
+    with pytest.raises(QRRLError, match="unknown demo settings .*wobble"):
+        DemoConfig.toml_settings(mine)
+    helptext = subprocess.run([sys.executable, "-m", "rl", "demo", "--help"], capture_output=True, text=True).stdout
+    assert "--config" in helptext and "--feedback-low" not in helptext and len(helptext.splitlines()) < 50

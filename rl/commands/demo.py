@@ -14,13 +14,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="RL + curriculum on the embedded toy model: decode rate before/after (≈10 min on 2 cores)",
         description=(
-            "Load the embedded toy QR-art model, run DDPO rounds (sample with recording → scan + art "
-            "rewards → shards → train) with a ControlNet-strength curriculum from high to the demo "
-            "strength, and write a report folder: summary.json, table.md, curves.png, samples.png and "
-            "the trained controlnet.safetensors."
+            "Load the embedded toy QR-art model, run RL rounds (sample with the sampler's tricks and "
+            "recording → scan + art rewards → shards → train the ControlNet) with a ControlNet-strength "
+            "curriculum from high to the demo strength, and write a report folder: summary.json, table.md, "
+            "curves.png, samples.png and the trained controlnet.safetensors. Advanced settings: --config "
+            "(configs/demo.toml lists every key)."
         ),
     )
     p.add_argument("--out", default="qr-rl-demo", help="report folder (must be empty or absent; default ./qr-rl-demo)")
+    p.add_argument("--config", default=None, metavar="TOML",
+                   help="advanced settings from a TOML file (every key documented in configs/demo.toml); "
+                        "flags given here win over the file")
     p.add_argument("--quick", action="store_true", help="tiny run (≈1-2 min) that checks the pipeline, not the lift")
     p.add_argument("--model", default=None, help="toy model folder from `qr-rl toy pretrain` (default: the shipped one)")
     p.add_argument("--rounds", type=int, default=None, help="RL rounds (default 10; --quick 2)")
@@ -101,7 +105,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    hide_advanced(p)
     p.set_defaults(func=run)
+
+
+#: The flags ``qr-rl demo --help`` shows; every other setting lives in the --config file. The
+#: other flags still work for one release, with a note that they moved.
+VISIBLE = {"help", "out", "config", "quick", "model", "rounds", "curriculum", "objective", "train_controlnet", "seed",
+           "threads", "no_progress"}
+
+
+def hide_advanced(p: argparse.ArgumentParser) -> None:
+    """Hide the advanced flags from --help (they moved to the --config file)."""
+    for action in p._actions:
+        if action.dest not in VISIBLE:
+            action.help = argparse.SUPPRESS
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,7 +132,14 @@ def run(args: argparse.Namespace) -> int:
              "eval_samples", "clip_weight", "objective", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",
              "learn_schedule", "train_controlnet", "schedule_shape", "mirrored", "schedule_sigma", "schedule_lr", "art_floor", "art_floor_weight", "art_budget", "art_price_lr", "art_price_kp", "steps_from", "average_last",
              "module_feedback", "luma_control", "learn_feedback", "feedback_low", "feedback_high", "feedback_margin", "feedback_ramp")
+    import sys
+
     kw = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    moved = sorted(n for n in kw if n not in VISIBLE)
+    if moved:
+        print(f"qr-rl demo: note: {', '.join('--' + n.replace('_', '-') for n in moved)} will leave the command line "
+              "in the next release; set them in a --config file (configs/demo.toml lists every key)", file=sys.stderr)
+    kw = (DemoConfig.toml_settings(args.config) if args.config else {}) | kw
     kw["progress"] = not args.no_progress
     cfg = DemoConfig.quick(args.out, **kw) if args.quick else DemoConfig(out=args.out, **kw)
     run_demo(cfg)
