@@ -300,6 +300,9 @@ def test_luma_control_off_is_todays_sampler_and_on_changes_only_the_luma(comfy_s
                             controlnet_config=tiny_sd_files.config_dir / "controlnet", epochs=1, cpu=True,
                             progress=False), log=lambda m: None)
     assert res.data["luma_control"] == spec
+    print(f"\nluma control, step 0: ControlNet's preview change {float(c_cn.pow(2).sum() / _rgb(d_cn - d_art).pow(2).sum()):.0%}"
+          f" colour, after projection {float(c_on.abs().max()) / scale:.1e} of its max; trainer log-prob drift "
+          f"{res.data['logp_drift_max_abs']:.1e}")
     assert res.data["logp_drift_max_abs"] < 1e-3, res.data
 
 

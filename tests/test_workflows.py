@@ -11,7 +11,8 @@ import pytest
 from comfy_helpers import load_api
 
 ROOT = Path(__file__).resolve().parents[1]
-UI_WORKFLOWS = [ROOT / "workflows" / name for name in ("qr_art_scheduled.json", "qr_art_feedback.json", "qr_rl_collect.json")]
+UI_WORKFLOWS = [ROOT / "workflows" / name for name in ("qr_art_scheduled.json", "qr_art_feedback.json", "qr_art_luma.json",
+                                                         "qr_rl_collect.json")]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 API_TITLES = ["Prompt", "Negative", "QR Payload", "Latent", "RL Sampler", "ControlNet", "Checkpoint", "Recorder"]
 
@@ -93,3 +94,12 @@ def test_api_workflow_matches_object_info(comfy_server):
         known = required | set(spec["input"].get("optional", {}))
         assert required <= set(node["inputs"]), (key, sorted(required - set(node["inputs"])))
         assert set(node["inputs"]) <= known, (key, sorted(set(node["inputs"]) - known))
+
+
+def test_luma_workflow_turns_luma_control_on():
+    """qr_art_luma.json: the feedback workflow with luma-only control on (the last two sampler widgets)."""
+    node = next(n for n in _ui(ROOT / "workflows" / "qr_art_luma.json")["nodes"] if n["type"] == "QRControlNetSamplerRL")
+    names = [i["widget"]["name"] for i in node["inputs"] if "widget" in i]
+    assert names[-2:] == ["luma_control", "keyframes_per_sample"]
+    assert node["widgets_values"][-2:] == [True, ""]
+    assert any(i["name"] == "qr_code" and i["link"] is not None for i in node["inputs"])  # module feedback too
