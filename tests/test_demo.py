@@ -74,9 +74,9 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     assert node["node"] == "QRControlNetSamplerRL" and node["inputs"]["keyframes"] == sched["keyframes"]
     assert node["inputs"]["feedback_low"] == pytest.approx(fb["low"], abs=1e-4) and node["inputs"]["feedback_ramp"] == 1.0
     assert rounds[-1]["feedback_gains"] == pytest.approx([fb["low"], fb["high"]], abs=1e-4)
-    # luma-only control (the default) is recorded, and schedule.json says the node cannot apply it
+    # luma-only control (the default) is recorded, and schedule.json turns on the node's switch for it
     assert shard.meta["luma_control"] == {"kind": "folded_luma", "factor": 2} and summary["config"]["luma_control"]
-    assert sched["luma_control"] is True and "luma-only control" in node["note"]
+    assert sched["luma_control"] is True and node["inputs"]["luma_control"] is True and "luma-only control" in node["note"]
     # ... each step's gain map is recorded (ones on step 1, which has no prediction yet) ...
     maps = shard.strength_map
     assert maps is not None and maps.shape[:3] == (shard.batch_size, model.steps, 1)
