@@ -29,18 +29,25 @@ import torch
 from .convert import ensure_model_imports, file_sha256, load_controlnet, load_unet
 from .errors import QRRLError
 
-#: Attention and feed-forward linears of the transformer blocks that get LoRA.
+#: Attention and feed-forward layers of the transformer blocks that get LoRA (linears; proj_in/out
+#: may be 1×1 convolutions).
 LORA_LINEAR_PATTERN = re.compile(r".*\.(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2)$")
 ADAPTER_NAME = "default"
+#: Which layers get LoRA: "attention" (default): the transformer blocks' attention/feed-forward
+#: linears plus the residual projections (the 1×1 zero convolutions that make the residuals the
+#: UNet receives); "all": also every other Conv2d (ResNet 3×3 convolutions and the hint encoder),
+#: the pre-issue-22 choice, kept for comparison: ~2× the step time on the tiny model and no cache.
+LORA_SCOPES = ("attention", "all")
 
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA hyper-parameters; ``alpha`` defaults to ``rank`` (scale 1)."""
+    """LoRA hyper-parameters; ``alpha`` defaults to ``rank`` (scale 1); ``scope`` in :data:`LORA_SCOPES`."""
 
     rank: int = 8
     alpha: float | None = None
     dropout: float = 0.0
+    scope: str = "attention"
 
     def peft_config(self, targets: Sequence[str]):
         from peft import LoraConfig
@@ -49,13 +56,24 @@ class LoraSettings:
                           lora_dropout=self.dropout, target_modules=list(targets), init_lora_weights=True)
 
 
-def lora_target_modules(controlnet: torch.nn.Module) -> list[str]:
-    """Full names of the ControlNet layers that get LoRA: every Conv2d, attention/FF linears."""
+def lora_target_modules(controlnet: torch.nn.Module, scope: str = "attention") -> list[str]:
+    """Full names of the ControlNet layers that get LoRA (see :data:`LORA_SCOPES`).
+
+    Why not every convolution by default: LoRA on the hint encoder makes it trainable, so its
+    full-resolution pass (most of a ControlNet forward) can no longer be cached per sample; LoRA
+    on the ResNet 3×3 convolutions doubles their cost for little: what a scannability reward asks
+    of the ControlNet is mostly *where* and *how strongly* it pushes, which the attention and the
+    residual projections decide.
+    """
+    if scope not in LORA_SCOPES:
+        raise QRRLError(f"LoRA scope must be one of {', '.join(LORA_SCOPES)}, got {scope!r}")
     out = []
     for name, module in controlnet.named_modules():
-        if isinstance(module, torch.nn.Conv2d) or (
-            isinstance(module, torch.nn.Linear) and LORA_LINEAR_PATTERN.match("." + name)
-        ):
+        attention = LORA_LINEAR_PATTERN.match("." + name)  # proj_in/out are 1×1 Conv2d in SD1.5
+        linear = isinstance(module, torch.nn.Linear) and attention
+        conv = isinstance(module, torch.nn.Conv2d) and (
+            scope == "all" or attention or (name + ".").startswith(ZERO_CONV_PREFIXES))
+        if linear or conv:
             out.append(name)
     return out
 
@@ -86,8 +104,10 @@ def zero_conv_parameters(controlnet: torch.nn.Module) -> set[str]:
 class Policy(torch.nn.Module):
     """Frozen UNet + trainable ControlNet; ``forward`` is :meth:`denoise` (DDP-friendly).
 
-    ``mode``: ``"lora"`` (peft adapter on the layers of :func:`lora_target_modules`),
-    ``"full"`` (all ControlNet weights train) or ``"zero_convs"`` (only the ControlNet's
+    ``mode``: ``"lora"`` (peft adapter on the layers of :func:`lora_target_modules`: attention
+    and residual projections; the hint encoder stays frozen, so its output is cached per sample),
+    ``"full"`` (all ControlNet weights train, the hint encoder too: it runs once per micro-batch,
+    shared by both CFG branches) or ``"zero_convs"`` (hint encoder cached; only the ControlNet's
     output projections -- the "zero convolutions" that turn its features into the residuals
     added to the UNet -- train: few parameters whose obvious move, scaling or reshaping the
     residuals, is what a scannability reward asks for, so a small batch of trajectories gives
@@ -123,7 +143,7 @@ class Policy(torch.nn.Module):
             if self.lora.rank < 1:
                 raise QRRLError(f"--lora-rank must be >= 1, got {self.lora.rank}")
             self.controlnet.requires_grad_(False)
-            self.lora_targets = lora_target_modules(self.controlnet)
+            self.lora_targets = lora_target_modules(self.controlnet, self.lora.scope)
             inject_adapter_in_model(self.lora.peft_config(self.lora_targets), self.controlnet, ADAPTER_NAME)
             for name, p in self.controlnet.named_parameters():
                 p.requires_grad_(".lora_" in name)
@@ -214,13 +234,46 @@ class Policy(torch.nn.Module):
     def forward(self, *args, **kwargs) -> torch.Tensor:
         return self.denoise(*args, **kwargs)
 
-    def controlnet_residuals(self, x_in, t, context, hint, scale) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def hint_embedding_frozen(self) -> bool:
+        """Whether the ControlNet's hint encoder has no trainable weight (zero_convs, LoRA whose
+        targets leave it alone): then its output can be computed once per sample and cached."""
+        return not any(p.requires_grad for p in self.controlnet.controlnet_cond_embedding.parameters())
+
+    def embed_hint(self, hint: torch.Tensor) -> torch.Tensor:
+        """The ControlNet's hint embedding [B,C,H,W] of ``hint`` [B,3,8H,8W] (uint8 or [0,1]).
+
+        Why: it depends on the hint alone, not on the step, the noise or the CFG branch, yet on
+        the full-resolution image it is most of the ControlNet's cost. Pass the result to
+        :meth:`denoise` as ``hint_embedding`` to reuse it across steps (valid while the encoder's
+        weights do not change: :meth:`hint_embedding_frozen`, or sampling under ``no_grad``).
+        Runs under the same autocast as the denoiser, so a cached value equals an uncached one.
+        """
+        if hint.dtype == torch.uint8:
+            hint = hint.float() / 255.0
+        dev = next(self.controlnet.parameters()).device
+        hint = hint.to(dev, torch.float32)
+        if self.controlnet.config.controlnet_conditioning_channel_order == "bgr":
+            hint = torch.flip(hint, dims=[1])  # what ControlNetModel.forward does before embedding
+        with self._autocast(dev):
+            return self.controlnet.controlnet_cond_embedding(hint)
+
+    def _autocast(self, dev: torch.device):
+        if self.autocast_dtype is not None and dev.type != "cpu":
+            return torch.autocast(dev.type, dtype=self.autocast_dtype)
+        return contextlib.nullcontext()
+
+    def controlnet_residuals(self, x_in, t, context, hint, scale,
+                             hint_embedding: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """ControlNet residuals on already c_in-scaled input, each multiplied by ``scale``: one value
-        per sample [B], or a spatial map [B,1,h,w] (:mod:`rl.module_feedback`) area-resized to each."""
+        per sample [B], or a spatial map [B,1,h,w] (:mod:`rl.module_feedback`) area-resized to each.
+        With ``hint_embedding`` (:meth:`embed_hint` of ``hint``) the hint encoder is skipped."""
         from .module_feedback import scale_residual
 
-        down, mid = self.controlnet(x_in, t, encoder_hidden_states=context, controlnet_cond=hint,
-                                    conditioning_scale=1.0, return_dict=False)
+        if hint_embedding is None:
+            down, mid = self.controlnet(x_in, t, encoder_hidden_states=context, controlnet_cond=hint,
+                                        conditioning_scale=1.0, return_dict=False)
+        else:
+            down, mid = controlnet_with_embedding(self.controlnet, x_in, t, context, hint_embedding)
         return [scale_residual(d, scale) for d in down], scale_residual(mid, scale)
 
     def denoise(
@@ -235,6 +288,7 @@ class Policy(torch.nn.Module):
         cfg: torch.Tensor | float,
         strength_uncond: torch.Tensor | float | None = None,
         strength_map: torch.Tensor | None = None,
+        hint_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``D`` [B,C,H,W] float32 for latents ``x`` at per-sample ``sigma``/``timestep``.
 
@@ -243,7 +297,9 @@ class Policy(torch.nn.Module):
         uncond branch (0 = ComfyUI's "apply to negative" off). All per-sample values accept a
         scalar or a [B] tensor. ``strength_map`` [B,1,h,w] multiplies both branches' strength
         per position (module feedback). When every cfg is 1 the uncond branch is skipped, as
-        ComfyUI does.
+        ComfyUI does. ``hint_embedding`` [B,C,H,W]: :meth:`embed_hint` of ``hint``, computed once
+        per sample by the caller (steps share it); without it the hint is embedded once per call
+        (both CFG branches and the luma projection's second pass share it).
         """
         b = x.shape[0]
         dev = x.device
@@ -257,16 +313,22 @@ class Policy(torch.nn.Module):
             if m.ndim != 4 or m.shape[0] != b or m.shape[1] != 1:
                 raise QRRLError(f"strength_map must be [B={b},1,h,w], got {tuple(m.shape)}")
             st_c, st_u = st_c.view(-1, 1, 1, 1) * m, st_u.view(-1, 1, 1, 1) * m
-        if hint.dtype == torch.uint8:
-            hint = hint.float() / 255.0
-        d = self._predict(x, sig, ts, cond, uncond, hint, st_c, st_u, g)
-        if self.control_projection is None or bool((st_c == 0).all() and (st_u == 0).all()):
+        if bool((st_c == 0).all() and (st_u == 0).all()):  # no ControlNet anywhere: no embedding
+            emb = None
+        elif hint_embedding is not None:
+            emb = hint_embedding.to(dev)
+            if emb.shape[0] != b:
+                raise QRRLError(f"hint_embedding has {emb.shape[0]} samples, x has {b}")
+        else:
+            emb = self.embed_hint(hint)
+        d = self._predict(x, sig, ts, cond, uncond, emb, st_c, st_u, g)
+        if self.control_projection is None or emb is None:
             return d
         zero = torch.zeros_like(st_c)
-        d_art = self._predict(x, sig, ts, cond, uncond, hint, zero, zero, g)
+        d_art = self._predict(x, sig, ts, cond, uncond, emb, zero, zero, g)
         return d_art + self.control_projection(d - d_art)
 
-    def _predict(self, x, sig, ts, cond, uncond, hint, st_c, st_u, g) -> torch.Tensor:
+    def _predict(self, x, sig, ts, cond, uncond, emb, st_c, st_u, g) -> torch.Tensor:
         """``D`` with the ControlNet at strengths ``st_c`` / ``st_u`` (per sample or maps)."""
         dev = x.device
         x32 = x.float()
@@ -278,29 +340,54 @@ class Policy(torch.nn.Module):
         if not skip_uncond:
             branches.append((uncond.to(dev, ctx_dtype), st_u))
         branches.append((cond.to(dev, ctx_dtype), st_c))
-        use_autocast = self.autocast_dtype is not None and dev.type != "cpu"
-        ac = torch.autocast(dev.type, dtype=self.autocast_dtype) if use_autocast else contextlib.nullcontext()
-        with ac:
+        with self._autocast(dev):
             if len(branches) == 2 and branches[0][0].shape[1:] == branches[1][0].shape[1:]:
                 ctx = torch.cat([branches[0][0], branches[1][0]])
                 scale = torch.cat([branches[0][1], branches[1][1]])
+                emb2 = None if emb is None else torch.cat([emb, emb])
                 eps_u, eps_c = self._eps(torch.cat([x_in, x_in]), torch.cat([ts, ts]), ctx,
-                                         torch.cat([hint, hint]), scale).float().chunk(2)
+                                         emb2, scale).float().chunk(2)
             else:  # different context lengths (long prompts): one call per branch, like ComfyUI
-                outs = [self._eps(x_in, ts, ctx, hint, scale).float() for ctx, scale in branches]
+                outs = [self._eps(x_in, ts, ctx, emb, scale).float() for ctx, scale in branches]
                 eps_c = outs[-1]
                 eps_u = outs[0] if len(outs) == 2 else None
         eps = eps_c if eps_u is None else eps_u + g.view(-1, 1, 1, 1) * (eps_c - eps_u)
         return x32 - sig.view(-1, 1, 1, 1) * eps
 
-    def _eps(self, x_in, t, context, hint, scale) -> torch.Tensor:
-        hint = hint.to(x_in.device, torch.float32)
-        if bool((scale == 0).all()):  # ControlNet off at this step: ComfyUI does not run it
+    def _eps(self, x_in, t, context, emb, scale) -> torch.Tensor:
+        if emb is None or bool((scale == 0).all()):  # ControlNet off at this step: ComfyUI does not run it
             down, mid = None, None
         else:
-            down, mid = self.controlnet_residuals(x_in, t, context, hint, scale)
+            down, mid = self.controlnet_residuals(x_in, t, context, None, scale, hint_embedding=emb)
         return self.unet(x_in, t, encoder_hidden_states=context, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid, return_dict=False)[0]
+
+
+class _GivenEmbedding(torch.nn.Module):
+    """Stands in for ``controlnet_cond_embedding``: its input already is the embedding."""
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return embedding
+
+
+def controlnet_with_embedding(controlnet: torch.nn.Module, x_in: torch.Tensor, t: torch.Tensor,
+                              context: torch.Tensor, embedding: torch.Tensor):
+    """``(down, mid)`` of diffusers' ``ControlNetModel`` forward, given the hint's embedding.
+
+    Why not a re-implementation of the forward: diffusers' own code keeps running (time
+    embedding, blocks, checkpointing, peft layers), only the encoder is swapped for the
+    identity for the duration of the call. A "bgr" ControlNet flips its ``controlnet_cond``
+    before the encoder, so the embedding is pre-flipped to come out unchanged.
+    """
+    if controlnet.config.controlnet_conditioning_channel_order == "bgr":
+        embedding = torch.flip(embedding, dims=[1])
+    encoder = controlnet.controlnet_cond_embedding
+    controlnet.controlnet_cond_embedding = _GivenEmbedding()
+    try:
+        return controlnet(x_in, t, encoder_hidden_states=context, controlnet_cond=embedding,
+                          conditioning_scale=1.0, return_dict=False)
+    finally:
+        controlnet.controlnet_cond_embedding = encoder
 
 
 @dataclass

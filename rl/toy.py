@@ -437,20 +437,22 @@ def sample(
         sd = [int(s) for s in seeds[sl]]
         x0 = initial_noise((len(sd), *shape), sd) * float(sigmas[0])
         c, u, h = cond[sl], uncond[sl], hints[sl]
+        # the hint's embedding is the same at every step (sampling runs under no_grad): once per chunk
+        emb = None if codes is None else policy.embed_hint(h)
 
         st = table[sl] if per_sample else table[None].expand(len(sd), steps)
         prev: list[torch.Tensor] = []  # the previous step's prediction, for module feedback
         maps: list[torch.Tensor] = []  # each step's gain map, recorded so the trainer can replay it
 
         def denoise(x: torch.Tensor, sigma: float, k: int, c=c, u=u, h=h, st=st, sl=sl, prev=prev,
-                    maps=maps) -> torch.Tensor:
+                    maps=maps, emb=emb) -> torch.Tensor:
             smap = None
             if light is not None and prev:
                 from .module_feedback import strength_map
 
                 smap = strength_map(latents_to_images(prev[0]), light[sl], gains[sl, 0], gains[sl, 1],
                                     feedback.margin, feedback.softness, world.LATENT_SIZE, feedback.contrast(k, steps))
-            d = policy.denoise(x, sigma, timesteps[k], c, u, h, st[:, k], cfg, strength_map=smap)
+            d = policy.denoise(x, sigma, timesteps[k], c, u, h, st[:, k], cfg, strength_map=smap, hint_embedding=emb)
             if light is not None:
                 prev[:] = [d]
                 maps.append(torch.ones(x.shape[0], 1, world.LATENT_SIZE, world.LATENT_SIZE) if smap is None

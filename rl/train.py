@@ -205,6 +205,7 @@ class _Sample:
     active: list[int]  # steps with std > 0 and strength > 0
     bucket: tuple  # context shapes: samples in one micro-batch must share them
     strength_map: torch.Tensor | None = None  # [K,1,h,w]: module feedback's gain map per step
+    hint_embedding: torch.Tensor | None = None  # the ControlNet's embedding of hint, when it is frozen
 
 
 def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> tuple[list[_Sample], list, dict]:
@@ -316,12 +317,33 @@ def _batch(samples: list[_Sample], units: Sequence[tuple[int, int]], device) -> 
         "cond": torch.stack([s.cond for s in ss]).to(device, torch.float32),
         "uncond": torch.stack([s.uncond for s in ss]).to(device, torch.float32),
         "hint": torch.stack([s.hint for s in ss]).to(device).float() / 255.0,
+        "hint_embedding": None if ss[0].hint_embedding is None else torch.stack(
+            [s.hint_embedding for s in ss]).to(device),
     }
+
+
+def _embed_hints(policy, samples: list[_Sample], device, accelerator=None, size: int = 16) -> None:
+    """Cache each sample's hint embedding (``Policy.embed_hint``) when the hint encoder is frozen.
+
+    Why: the encoder runs on the full-resolution hint and costs more than the rest of the
+    ControlNet, yet its output is the same at every step of a sample and in both CFG branches.
+    Kept on the CPU with the other per-sample tensors (``_batch`` moves it), computed under the
+    training autocast so the cached numbers are the uncached ones."""
+    if not policy.hint_embedding_frozen():
+        return
+    ac = accelerator.autocast() if accelerator is not None else _null()
+    with torch.no_grad(), ac:
+        for i in range(0, len(samples), size):
+            chunk = samples[i:i + size]
+            emb = policy.embed_hint(torch.stack([s.hint for s in chunk]).to(device)).cpu()
+            for s, e in zip(chunk, emb):
+                s.hint_embedding = e
 
 
 def _denoise(model, b: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(b["x"], b["sigma"], b["timestep"], b["cond"], b["uncond"], b["hint"], b["strength"], b["cfg"],
-                 strength_uncond=b["strength_uncond"], strength_map=b["strength_map"])
+                 strength_uncond=b["strength_uncond"], strength_map=b["strength_map"],
+                 hint_embedding=b.get("hint_embedding"))
 
 
 def _plain_denoise(model, b: dict[str, torch.Tensor], target_strength: float | None) -> torch.Tensor:
@@ -330,7 +352,7 @@ def _plain_denoise(model, b: dict[str, torch.Tensor], target_strength: float | N
     strength = b["strength"] if target_strength is None else torch.full_like(b["strength"], float(target_strength))
     uncond = strength * (b["strength_uncond"] > 0).float() if target_strength is not None else b["strength_uncond"]
     return model(b["x"], b["sigma"], b["timestep"], b["cond"], b["uncond"], b["hint"], strength, b["cfg"],
-                 strength_uncond=uncond, strength_map=None)
+                 strength_uncond=uncond, strength_map=None, hint_embedding=b.get("hint_embedding"))
 
 
 def _log_prob(b: dict[str, torch.Tensor], denoised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -521,7 +543,7 @@ def _old_pass(config: TrainConfig, policy, samples: list[_Sample], units: list[t
                 with accelerator.autocast():
                     d = policy(b["x"], b["sigma"], b["timestep"], b["cond"], b["uncond"], b["hint"],
                                b["strength"], b["cfg"], strength_uncond=b["strength_uncond"],
-                               strength_map=b["strength_map"])
+                               strength_map=b["strength_map"], hint_embedding=b.get("hint_embedding"))
                 lp, mean = _log_prob(b, d)
                 lp_drift.append((lp - b["recorded_log_prob"]).abs().cpu())
                 d_drift.append((d.float() - b["recorded_denoised"]).abs().flatten(1).max(1).values.cpu())
@@ -622,6 +644,7 @@ def train(config: TrainConfig, log=None) -> TrainResult:
         )
     device = accelerator.device
     policy.to(device)
+    _embed_hints(policy, samples, device, accelerator)
     std_ref = float(torch.stack([samples[n].std[k] for n, k in units]).float().mean())
     data["step_std_mean"] = std_ref
     data["objective"] = config.objective
@@ -822,6 +845,7 @@ def objective_gradients(config: TrainConfig, subsets: Sequence[Sequence[int]], l
     adv = tracker.update(keys, np.array([s.reward for s in samples]))
     weights = advantage_weights(adv.values, adv.mask, config.awr_beta)
     params = [p for p in policy.parameters() if p.requires_grad]
+    _embed_hints(policy, samples, "cpu")
     std_ref = float(torch.stack([s.std[k] for s in samples for k in s.active]).float().mean())
     out = []
     for subset in subsets:
