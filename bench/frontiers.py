@@ -123,7 +123,11 @@ def part_train(args, model, scorer) -> None:
     name = f"{args.recipe}-seed{args.seed}"
     out = Path(args.out) / f"tuned-{name}.json"
     res = json.loads(out.read_text()) if out.is_file() else {}
-    run_dir = Path(args.out) / "runs" / name
+    run_dir = Path(args.from_run) if args.from_run else Path(args.out) / "runs" / name
+    if "summary" not in res and args.from_run:  # a finished `qr-rl demo` run with these settings
+        summary = json.loads((run_dir / "summary.json").read_text())
+        res["summary"] = {k: summary[k] for k in ("plain", "tricks", "schedule", "wall_time_s")} | {"from_run": str(run_dir)}
+        _save(out, res)
     if "summary" not in res:
         t0 = time.perf_counter()
         cfg = DemoConfig(out=run_dir, seed=args.seed, curriculum="linear" if args.recipe == "curriculum" else "none",
@@ -298,6 +302,9 @@ def main() -> None:
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--recipe", choices=("curriculum", "flat"), default="curriculum")
+    ap.add_argument("--from-run", default=None,
+                    help="--part train: evaluate the controlnet.safetensors of a finished `qr-rl demo` run (its seed "
+                         "and curriculum must match --seed and --recipe) instead of training")
     ap.add_argument("--items", type=int, default=256)
     ap.add_argument("--bootstrap", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
