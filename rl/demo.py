@@ -55,6 +55,7 @@ class DemoConfig:
     clip_weight: float = 0.5
     objective: str = "rwr"  # how the ControlNet learns from each round's shards (rl.objectives): rwr | ddpo
     awr_beta: float = 1.0  # rwr: temperature of the sample weights exp(A/β)
+    teacher: str = "pretrained"  # which ControlNet the rounds sample with: pretrained (a fixed teacher) | current
     mode: str = "zero_convs"  # "zero_convs" | "lora" | "full" (which ControlNet weights train)
     lora_rank: int = 4  # only with mode "lora"
     lr: float = 1e-3  # AdamW, one optimizer carried across the rounds
@@ -145,6 +146,7 @@ class DemoConfig:
 
         need(self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         need(self.awr_beta > 0, f"--awr-beta must be > 0, got {self.awr_beta}")
+        need(self.teacher in ("pretrained", "current"), f"teacher must be pretrained or current, got {self.teacher!r}")
         from .module_feedback import check_feedback
         from .schedule_policy import SHAPES, check_schedule_options
         from .train import check_training_options
@@ -482,7 +484,11 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
             strength = plan.strength_for_round(r, history)
         round_dir = out / "rounds" / f"r{r:03d}"
         t0 = time.perf_counter()
-        row, exploration = collect_round(model, controlnet, cn_path, strength, r, cfg, round_dir, scorer, base_sha,
+        # the rounds sample with the pretrained ControlNet (a fixed teacher whose tricks the trainer distils) or
+        # with the one trained so far; a current teacher drifted weaker round by round on the toy (research log)
+        fixed = cfg.teacher == "pretrained"
+        row, exploration = collect_round(model, None if fixed else controlnet, model.controlnet_path if fixed else cn_path,
+                                         strength, r, cfg, round_dir, scorer, base_sha,
                                          schedule=schedule, art_floor=art_floor, budget=budget,
                                          feedback_gains=feedback_gains)
         row["collect_s"] = round(time.perf_counter() - t0, 1)
