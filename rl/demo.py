@@ -56,9 +56,9 @@ class DemoConfig:
     objective: str = "rwr"  # how the ControlNet learns from each round's shards (rl.objectives): rwr | ddpo
     awr_beta: float = 1.0  # rwr: temperature of the sample weights exp(A/β)
     teacher: str = "pretrained"  # which ControlNet the rounds sample with: pretrained (a fixed teacher) | current
-    mode: str = "zero_convs"  # "zero_convs" | "lora" | "full" (which ControlNet weights train)
+    mode: str = "full"  # "full" | "zero_convs" | "lora" (which ControlNet weights train; zero convs lack the capacity)
     lora_rank: int = 4  # only with mode "lora"
-    lr: float = 1e-3  # AdamW, one optimizer carried across the rounds
+    lr: float = 1e-4  # AdamW, one optimizer carried across the rounds
     anchor_decay: float = 0.0  # per-step pull toward the pretrained ControlNet (rl.anchor)
     train_controlnet: bool = True  # fine-tune the ControlNet's weights on each round's shards (rl.train)
     learn_schedule: bool = True  # learn the strength curve (rl.schedule_policy, docs/demo.md)

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=None, help="seeds per group (default 8)")
     p.add_argument("--eval-samples", type=int, default=None, help="fixed evaluation samples (default 64)")
     p.add_argument("--clip-weight", type=float, default=None, help="weight of the art reward vs the scan reward (0.5)")
-    p.add_argument("--lr", type=float, default=None, help="the ControlNet trainer's AdamW learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=None, help="the ControlNet trainer's AdamW learning rate (default 1e-4)")
     p.add_argument("--anchor-decay", type=float, default=None,
                    help="per-step pull of the trained weights back toward the pretrained ControlNet (default 0 = off)")
     p.add_argument("--epochs", type=int, default=None, help="training passes over each round's shards (default 1)")
@@ -101,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="--train-controlnet: train only the steps from this fraction of the trajectory on "
                         "(default 0: all; 0.7 = the last three of ten)")
     p.add_argument("--mode", choices=("zero_convs", "lora", "full"), default=None,
-                   help="what the trainer updates (default zero_convs: the ControlNet's output projections)")
+                   help="what the trainer updates (default full: every ControlNet weight)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
