@@ -34,6 +34,17 @@ def _run_shard(server, workflow, timeout=240):
     return read_shard(paths[0]), entry
 
 
+
+def replay(shard, files, tmp_path):
+    """One ddpo epoch on a ComfyUI-recorded shard with the tiny SD1.5 files: its ``data`` reports how
+    far the trainer's recomputed log-probabilities are from the recorded ones."""
+    from rl.train import TrainConfig, train
+
+    return train(TrainConfig(trajectories=[str(shard)], checkpoint=files.checkpoint, controlnet=files.controlnet,
+                             out=tmp_path / "cn.safetensors", unet_config=files.config_dir / "unet",
+                             controlnet_config=files.config_dir / "controlnet", epochs=1, cpu=True, progress=False),
+                 log=lambda m: None)
+
 def test_collect_workflow_batch2_writes_valid_shard(comfy_server):
     wf = tiny_collect(batch=2, steps=4, seed=11, run_name="t-batch2")
     traj, entry = _run_shard(comfy_server, wf)
@@ -213,8 +224,6 @@ def test_module_feedback_scales_the_controlnet_per_module(comfy_server):
 
 
 def test_module_feedback_is_recorded_and_the_trainer_replays_it(comfy_server, tiny_sd_files, tmp_path):
-    from rl.train import TrainConfig, train
-
     wf = tiny_collect(batch=2, steps=4, seed=42, run_name="t-feedback", feedback_low=0.2, feedback_high=4.0)
     set_inputs(wf, "RL Sampler", qr_code=[node_id(wf, "QR Payload"), 2])
     traj, _ = _run_shard(comfy_server, wf)
@@ -224,11 +233,7 @@ def test_module_feedback_is_recorded_and_the_trainer_replays_it(comfy_server, ti
     assert traj.meta["module_feedback"]["source"] == "latent_preview"
     assert traj.meta["module_feedback"]["high"] == 4.0
     # the trainer (diffusers) recomputes what ComfyUI sampled, gain maps included
-    res = train(TrainConfig(trajectories=[str(traj.path)], checkpoint=tiny_sd_files.checkpoint,
-                            controlnet=tiny_sd_files.controlnet, out=tmp_path / "cn.safetensors",
-                            unet_config=tiny_sd_files.config_dir / "unet",
-                            controlnet_config=tiny_sd_files.config_dir / "controlnet", epochs=1, cpu=True,
-                            progress=False), log=lambda m: None)
+    res = replay(traj.path, tiny_sd_files, tmp_path)
     assert res.data["logp_drift_max_abs"] < 1e-2, res.data
     # without the maps the same steps do not replay: the map is what made them
     plain = tiny_collect(batch=2, steps=4, seed=42, run_name="t-nofeedback")
@@ -320,8 +325,6 @@ def test_luma_control_skips_the_extra_call_where_the_controlnet_sits_out(comfy_s
 
 def test_keyframes_per_sample_gives_each_image_its_curve_and_the_trainer_replays_it(comfy_server, tiny_sd_files,
                                                                                      tmp_path):
-    from rl.train import TrainConfig, train
-
     a, b = "0:1.6, 1:0.4", "0:0.3, 0.5:2, 1:0.8"
     common = {"batch": 2, "steps": 4, "seed": 61}
     wf = tiny_collect(run_name="t-per-sample", keyframes_per_sample=f"{a}\n{b}\n", **common)
@@ -341,11 +344,7 @@ def test_keyframes_per_sample_gives_each_image_its_curve_and_the_trainer_replays
         [[0.0, 1.6], [1.0, 0.4]], [[0.0, 0.3], [0.5, 2.0], [1.0, 0.8]]]
     report = entry["outputs"][node_id(wf, "RL Sampler")]["text"][0]
     assert "strength per sample (keyframes_per_sample)" in report, report
-    res = train(TrainConfig(trajectories=[str(mixed.path)], checkpoint=tiny_sd_files.checkpoint,
-                            controlnet=tiny_sd_files.controlnet, out=tmp_path / "cn.safetensors",
-                            unet_config=tiny_sd_files.config_dir / "unet",
-                            controlnet_config=tiny_sd_files.config_dir / "controlnet", epochs=1, cpu=True,
-                            progress=False), log=lambda m: None)
+    res = replay(mixed.path, tiny_sd_files, tmp_path)
     assert res.data["logp_drift_max_abs"] < 1e-3, res.data
 
 
