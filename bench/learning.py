@@ -138,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                                      group_size=args.group_size, eval_samples=args.eval_samples, seed=seed,
                                      curriculum=curriculum, train_controlnet=train_cn, module_feedback=feedback,
                                      progress=False, keep_shards=False,
-                                     **({"lr": args.lr} if args.lr is not None else {}),
+                                     # the DDPO arms as they were measured: zero convs, std step weights,
+                                     # rounds sampled with the ControlNet trained so far
+                                     **(({"objective": "ddpo", "mode": "zero_convs", "lr": 2e-4, "teacher": "current",
+                                          "step_weighting": "std"} if train_cn else {})
+                                        | ({"lr": args.lr} if args.lr is not None else {})),
                                      **({"start_strength": args.start_strength}
                                         if args.start_strength is not None and curriculum != "none" else {}))
                     summary = run_demo(cfg, log=lambda m: None).summary
