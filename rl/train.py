@@ -1,9 +1,8 @@
 """Offline fine-tuning of the ControlNet on recorded trajectory shards — the whole loop in one place.
 
 Two objectives (``rl.objectives``): ``rwr``, reward-weighted regression of the plain ControlNet
-onto the predictions the sampler recorded (self-imitation of the samples that worked, and
-distillation of the sampler's tricks into the weights), and ``ddpo``, PPO-clip on the steps'
-log-probabilities.
+onto the predictions the sampler recorded (it distils the sampler's tricks into the weights,
+weighted toward the samples that worked), and ``ddpo``, PPO-clip on the steps' log-probabilities.
 
 Why offline: trajectories are sampled inside ComfyUI (any workflow, any sampler settings) and
 written as shards; this module only needs the base UNet, the ControlNet and the shards. It
@@ -355,6 +354,29 @@ def _plain_denoise(model, b: dict[str, torch.Tensor], target_strength: float | N
                  strength_uncond=uncond, strength_map=None, hint_embedding=b.get("hint_embedding"))
 
 
+def _objective_loss(config: TrainConfig, model, b: dict[str, torch.Tensor], idx: list[int], advantages: torch.Tensor,
+                    sample_weights: torch.Tensor | None, old_log_prob: torch.Tensor | None, std_ref: float,
+                    autocast=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's loss for ``config.objective`` (training and the gradient check share it).
+
+    rwr: the weighted regression onto the recorded predictions (diagnostics: ``err`` per unit).
+    ddpo: PPO-clip against ``old_log_prob`` (None: ratio 1, the first step of a round);
+    diagnostics ``log_prob`` and ``mean`` (for the KL term)."""
+    ctx = autocast or _null
+    if config.objective == "rwr":
+        with ctx():
+            d = _plain_denoise(model, b, config.target_strength)
+        loss, err = regression_loss(d, b["recorded_denoised"], sample_weights[idx].to(d.device))
+        return loss, {"err": err}
+    with ctx():
+        d = _denoise(model, b)
+    lp, mean = _log_prob(b, d)
+    old = lp.detach() if old_log_prob is None else old_log_prob
+    w = step_weights(b["std"], std_ref, config.step_weighting)
+    loss, _ = ppo_clip_loss(lp, old, advantages[idx].to(lp.device), config.clip_range, w)
+    return loss, {"log_prob": lp, "mean": mean}
+
+
 def _log_prob(b: dict[str, torch.Tensor], denoised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     view = (-1, 1, 1, 1)
     mean = step_mean(b["x"], denoised.float(), b["mean_coef"].view(view))
@@ -406,22 +428,30 @@ def _save_checkpoint(path: Path, policy, optimizer, state: dict) -> None:
     atomic_save_safetensors(tensors, path, meta)
 
 
-def _load_optimizer_state(path: Path, optimizer, lr: float) -> int:
-    """Carry a previous run's AdamW moments into this run's optimizer (its learning rate stays
-    this run's). Why: a fresh AdamW every round makes its first steps ≈ lr·sign(g) per weight,
-    whatever the gradient, a random walk the loop would pay every round. Returns the step count."""
+def _read_checkpoint(path: Path, what: str) -> tuple[dict, dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """A run checkpoint's (state, ``param.*`` tensors, AdamW state by parameter index)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as fh:
             state = json.loads((fh.metadata() or {})["state"])
-            tensors = {k: fh.get_tensor(k) for k in fh.keys() if k.startswith("optim.")}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as e:
-        raise QRRLError(f"--optimizer-from: {path} is unreadable ({e})") from None
+        raise QRRLError(f"{what} {path} is unreadable ({e})") from None
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
-        _, idx, name = k.split(".", 2)
-        opt_state.setdefault(int(idx), {})[name] = v
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = v
+    params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
+    return state, params, opt_state
+
+
+def _load_optimizer_state(path: Path, optimizer, lr: float) -> int:
+    """Carry a previous run's AdamW moments into this run's optimizer (its learning rate stays
+    this run's). Why: a fresh AdamW every round makes its first steps ≈ lr·sign(g) per weight,
+    whatever the gradient, a random walk the loop would pay every round. Returns the step count."""
+    state, _, opt_state = _read_checkpoint(path, "--optimizer-from:")
     groups = state["param_groups"]
     own = optimizer.state_dict()["param_groups"]
     if len(groups) != len(own) or any(len(g["params"]) != len(o["params"]) for g, o in zip(groups, own)):
@@ -438,22 +468,10 @@ def _load_optimizer_state(path: Path, optimizer, lr: float) -> int:
 
 
 def _load_checkpoint(path: Path, policy, optimizer) -> dict:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            state = json.loads((fh.metadata() or {})["state"])
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as e:
-        raise QRRLError(f"checkpoint {path} is unreadable ({e}); delete it to restart the run") from None
+    state, params, opt_state = _read_checkpoint(path, "checkpoint (delete it to restart the run)")
     if state.get("version") != RUN_STATE_VERSION:
         raise QRRLError(f"checkpoint {path} has run-state version {state.get('version')}, expected {RUN_STATE_VERSION}")
-    policy.load_trainable_state_dict({k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")})
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, name = k.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = v
+    policy.load_trainable_state_dict(params)
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     return state
 
@@ -726,26 +744,20 @@ def train(config: TrainConfig, log=None) -> TrainResult:
                 sync = j == len(mine) - 1
                 ctx = accelerator.no_sync(model) if not sync else _null()
                 with ctx:
+                    idx = [n for n, _ in mb]
+                    old = None if config.objective == "rwr" else torch.tensor([old_lp[u] for u in mb], device=device)
+                    loss, diag = _objective_loss(config, model, b, idx, adv.values,
+                                                sample_weights if config.objective == "rwr" else None, old, std_ref,
+                                                accelerator.autocast)
                     if config.objective == "rwr":
-                        with accelerator.autocast():
-                            d = _plain_denoise(model, b, config.target_strength)
-                        loss, err = regression_loss(d, b["recorded_denoised"],
-                                                    sample_weights[[n for n, _ in mb]].to(device))
-                        stats["rmse"].append(float(err.mean().sqrt()))
+                        stats["rmse"].append(float(diag["err"].mean().sqrt()))
                     else:
-                        old = torch.tensor([old_lp[u] for u in mb], device=device)
-                        a = adv.values[[n for n, _ in mb]].to(device)
-                        with accelerator.autocast():
-                            d = _denoise(model, b)
-                        lp, mean = _log_prob(b, d)
-                        w = step_weights(b["std"], std_ref, config.step_weighting)
-                        loss, _ = ppo_clip_loss(lp, old, a, config.clip_range, w)
                         if config.kl_coef > 0:
                             ref = torch.stack([old_mean[u] for u in mb]).to(device, torch.float32)
-                            kl = gaussian_kl(mean, ref, b["std"]).mean()
+                            kl = gaussian_kl(diag["mean"], ref, b["std"]).mean()
                             loss = loss + config.kl_coef * kl
                             stats["kl"].append(float(kl.detach()))
-                        new_lps.append(lp.detach().cpu())
+                        new_lps.append(diag["log_prob"].detach().cpu())
                         old_lps.append(old.cpu())
                     accelerator.backward(loss / len(group) * weight)
                 stats["loss"].append(float(loss.detach()))
@@ -857,14 +869,7 @@ def objective_gradients(config: TrainConfig, subsets: Sequence[Sequence[int]], l
             p.grad = None
         for mb in _micro_batches(samples, units, config.batch_size, np.random.default_rng(0)):
             b = _batch(samples, mb, "cpu")
-            idx = [n for n, _ in mb]
-            if config.objective == "rwr":
-                loss, _ = regression_loss(_plain_denoise(policy, b, config.target_strength), b["recorded_denoised"],
-                                          weights[idx])
-            else:
-                lp, _ = _log_prob(b, _denoise(policy, b))
-                w = step_weights(b["std"], std_ref, config.step_weighting)
-                loss, _ = ppo_clip_loss(lp, lp.detach(), adv.values[idx], config.clip_range, w)
+            loss, _ = _objective_loss(config, policy, b, [n for n, _ in mb], adv.values, weights, None, std_ref)
             (loss * len(mb) / max(1, len(units))).backward()
         out.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]).clone())
     return out
