@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
 from .errors import QRRLError
+from .files import atomic_move, atomic_write_text, sha256_file
 
 MANIFEST_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,14 +57,6 @@ TITLE_RUN = "Recorder.run_name"
 
 # --------------------------------------------------------------------------------------------
 # small file helpers
-
-
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_lines(path: str | os.PathLike[str], what: str) -> list[str]:
@@ -365,7 +357,6 @@ class LocalToyBackend:
 
     def run(self, jobs: Sequence[Job], shards_dir: Path, on_done: Callable[[Job, JobResult], None],
             progress: Callable[[dict[str, Any]], None] | None = None) -> None:
-        from .convert import file_sha256
         from .image_io import save_png
         from .reward import combine_rewards
         from .scan import scan_reward
@@ -373,8 +364,8 @@ class LocalToyBackend:
         from .toy_world import parse_prompt, toy_code
         from .trajectory import Trajectory, write_shard
 
-        base_sha = file_sha256(self.model.unet_path)
-        cn_sha = file_sha256(self.controlnet_path)
+        base_sha = sha256_file(self.model.unet_path)
+        cn_sha = sha256_file(self.controlnet_path)
         if self._scorer is None:
             self._scorer = self.model.clip_scorer()
         for job in jobs:
@@ -404,10 +395,10 @@ class LocalToyBackend:
             tmp_dir = shards_dir / ".local"
             written = write_shard(traj, tmp_dir, "w", prefix=f"r{job.round:03d}-{job.key}")
             final = shards_dir / job.shard_name
-            os.replace(written, final)  # same file system: atomic; the name is the job's key
+            atomic_move(written, final)  # same file system: atomic; the name is the job's key
             image = save_png(shards_dir.parent / "samples" / f"{job.key}.png",
                              images_hwc_uint8(out.images[:1])[0])
-            on_done(job, JobResult(final, sha256_of(final), "local", None, Path(image)))
+            on_done(job, JobResult(final, sha256_file(final), "local", None, Path(image)))
             if progress:
                 progress({"type": "job", "index": job.index})
 
@@ -441,7 +432,7 @@ def _adopt_orphans(jobs: Sequence[Job], manifest: Manifest, shards_dir: Path, ba
             except QRRLError:
                 f.unlink(missing_ok=True)  # incomplete or foreign: the job runs again
                 continue
-            manifest.add(_entry(job, f, sha256_of(f), samples, metrics, backend_name, "adopted", None, None))
+            manifest.add(_entry(job, f, sha256_file(f), samples, metrics, backend_name, "adopted", None, None))
             adopted += 1
     for tmp in shards_dir.glob(".*.tmp") if shards_dir.is_dir() else ():
         tmp.unlink(missing_ok=True)

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_bytes
 from .errors import QRRLError
+from .files import atomic_write_bytes
 
 RECORDER_CLASS = "QRTrajectoryRecorder"
 START_HINT = "start it with `python main.py --listen 127.0.0.1 --port 8188` in your ComfyUI folder"

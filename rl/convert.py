@@ -16,7 +16,6 @@ Layouts recognised:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import QRRLError
+from .files import sha256_file
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 SD15_UNET_CONFIG = CONFIG_ROOT / "sd15_unet"
@@ -41,13 +41,8 @@ def ensure_model_imports() -> None:
     ensure_torchvision_importable()
 
 
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a whole file (the identity shards record as ``base_sha256``)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+#: The identity shards record as ``base_sha256``; the one cached hash of :mod:`rl.files`.
+file_sha256 = sha256_file
 
 
 def load_config(config: str | os.PathLike[str] | Mapping | None, default: Path) -> dict:

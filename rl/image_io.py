@@ -97,43 +97,23 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def save_png(path: str | Path, image: np.ndarray) -> Path:
-    """Write uint8 RGB/gray as PNG atomically (temp file + os.replace)."""
-    import os
-    import tempfile
-
+    """Write uint8 RGB/gray as PNG atomically (:func:`rl.files.atomic_write`)."""
     from PIL import Image
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(np.asarray(image)).save(fh, format="PNG")
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return p
+    from .files import atomic_write
+
+    pil = Image.fromarray(np.asarray(image))
+    return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 
 def save_figure(fig, path: str | Path, dpi: int = 80) -> Path:  # noqa: ANN001 - matplotlib Figure
     """Write a matplotlib figure as PNG atomically and close it (reports are redrawn while read)."""
-    import os
-    import uuid
-
     import matplotlib.pyplot as plt
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp.png")
+    from .files import atomic_write
+
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, p)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return p

@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -33,9 +32,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
-from .collect import read_lines, sha256_of
+from .collect import read_lines
 from .errors import QRRLError
+from .files import atomic_copy, atomic_write_text
 from .image_io import save_figure
 from .schedule import Curriculum
 
@@ -259,23 +258,6 @@ def check_writable(folder: Path) -> None:
     except OSError as e:
         raise QRRLError(f"cannot write into the ControlNet folder {folder} ({e.strerror or e}); each round exports "
                         "its ControlNet there. Fix its permissions or choose another --controlnet-dir") from None
-
-
-def atomic_copy(src: Path, dst: Path) -> str:
-    """Copy through a hidden temp file + fsync + rename; return the sha256 (checked against the source)."""
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 22)
-            fout.flush()
-            os.fsync(fout.fileno())
-        sha = sha256_of(tmp)
-        if sha != sha256_of(src):
-            raise QRRLError(f"copy of {src} to {dst} is corrupt (sha256 differs); check the disk")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return sha
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,8 +27,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ._compat import ensure_torchvision_importable
+from .files import atomic_dir, atomic_save_safetensors
 
 # Bump when the conversion or the weights' recipe changes: it is part of the cache key.
 FORMAT_VERSION = 1
@@ -308,21 +307,6 @@ def clip_text_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 # --------------------------------------------------------------------------- builders
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def build_tiny_unet(seed: int = 0):
     """The tiny UNet2DConditionModel (fp32, random weights from ``seed``)."""
     ensure_torchvision_importable()
@@ -358,7 +342,7 @@ def build_tiny_sd15_checkpoint(
         for k, v in tensors.items()
         if not k.endswith("position_ids")
     }
-    _atomic_save(tensors, path, {"format": "pt", "qr_rl_tiny_sd": tiny_sd_fingerprint(seed, dtype)})
+    atomic_save_safetensors(tensors, path, {"format": "pt", "qr_rl_tiny_sd": tiny_sd_fingerprint(seed, dtype)})
     return path
 
 
@@ -406,7 +390,7 @@ def build_tiny_controlnet(
         sd = {"control_model." + k: v for k, v in unet_diffusers_to_ldm(sd, config).items()}
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     path = Path(path)
-    _atomic_save(tensors, path, {"format": "pt", "qr_rl_tiny_sd": tiny_sd_fingerprint(seed, dtype)})
+    atomic_save_safetensors(tensors, path, {"format": "pt", "qr_rl_tiny_sd": tiny_sd_fingerprint(seed, dtype)})
     return path
 
 
@@ -497,15 +481,10 @@ def ensure_tiny_sd(cache_dir: str | os.PathLike | None = None, seed: int = 0) ->
     with _locked(cache / f".{fp}.lock"):
         if final.is_dir():
             return result
-        tmp = Path(tempfile.mkdtemp(prefix=f".{fp}.", dir=cache))
-        try:
+        with atomic_dir(final) as tmp:
             start = time.perf_counter()
             build_tiny_sd15_checkpoint(tmp / CHECKPOINT_NAME, seed=seed)
             build_tiny_controlnet(tmp / CONTROLNET_NAME, seed=seed)
             write_diffusers_configs(tmp / CONFIG_DIR_NAME, seed=seed)
             (tmp / "build.json").write_text(json.dumps({"seconds": round(time.perf_counter() - start, 2)}))
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return result

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from .errors import QRRLError
+from .files import atomic_save_safetensors
 from .schedule import StrengthSchedule
 
 SCHEMA_VERSION = 1
@@ -503,15 +504,10 @@ def write_shard(traj: Trajectory, folder: str | os.PathLike[str], run_name: str,
     out_dir = Path(folder) / run
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     final = out_dir / f"{prefix_safe}-{stamp}-{uuid.uuid4().hex[:8]}{SUFFIX}"
-    tmp = out_dir / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_save(tensors, encoded, tmp, final)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, Exception):
-            raise ShardError(f"could not write shard {final}: {e}; no partial file was left") from e
-        raise
+        atomic_save_safetensors(tensors, final, encoded)
+    except Exception as e:
+        raise ShardError(f"could not write shard {final}: {e}; no partial file was left") from e
     traj.path = final
     return final
 
@@ -532,25 +528,6 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             seen.add(key)
         out[name] = t
     return out
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], tmp: Path, final: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(tmp), metadata=meta)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    try:  # make the rename durable; not possible on every platform
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 # --------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     require_extra("train")
     import torch
 
-    from ..atomic import atomic_write_json
+    from ..files import atomic_write_json
     from ..toy import CONFIG_FILE, ToyModel, recalibrate
 
     if args.threads:
