@@ -197,6 +197,169 @@ def controlnet_to_ldm(sd: Mapping[str, torch.Tensor], config: Mapping) -> dict[s
     ComfyUI reads diffusers-layout ControlNets only for the full-size configs it knows, and
     the original layout for any depth (tiny test models).
     """
-    from .tiny_sd import unet_diffusers_to_ldm  # the ldm key tables live next to the test-weight builder
-
     return {LDM_CONTROLNET_PREFIX + k: v for k, v in unet_diffusers_to_ldm(dict(sd), dict(config)).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers -> ldm key tables (derived from the two libraries' module layouts)
+
+
+def _resnet_ldm(name: str) -> str:
+    for diff, ldm in (
+        ("norm1", "in_layers.0"),
+        ("conv1", "in_layers.2"),
+        ("time_emb_proj", "emb_layers.1"),
+        ("norm2", "out_layers.0"),
+        ("conv2", "out_layers.3"),
+        ("conv_shortcut", "skip_connection"),
+    ):
+        if name.startswith(diff + "."):
+            return ldm + name[len(diff) :]
+    raise KeyError(f"unexpected resnet key {name!r}")
+
+
+def _split(key: str, prefix: str) -> tuple[int, str]:
+    index, rest = key[len(prefix) :].split(".", 1)
+    return int(index), rest
+
+
+def unet_diffusers_to_ldm(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Rename a diffusers UNet2DConditionModel (or ControlNetModel) state dict to ldm keys.
+
+    ldm numbers ``input_blocks`` flat (block 0 is ``conv_in``; each level has ``layers_per_block``
+    [resnet, transformer] entries then a downsampler) and ``output_blocks`` deepest level first
+    (``layers_per_block + 1`` entries per level, the upsampler appended to the last one).
+    Transformer internals have the same names in both layouts.
+    """
+    per_level = config["layers_per_block"] + 1
+    has_attn_up = ["CrossAttn" in t for t in config.get("up_block_types", [])]
+    n_hint_blocks = None
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        new = None
+        if key.startswith("conv_in."):
+            new = "input_blocks.0.0." + key[len("conv_in.") :]
+        elif key.startswith("time_embedding.linear_1."):
+            new = "time_embed.0." + key.split(".", 2)[2]
+        elif key.startswith("time_embedding.linear_2."):
+            new = "time_embed.2." + key.split(".", 2)[2]
+        elif key.startswith("conv_norm_out."):
+            new = "out.0." + key[len("conv_norm_out.") :]
+        elif key.startswith("conv_out."):
+            new = "out.2." + key[len("conv_out.") :]
+        elif key.startswith("down_blocks."):
+            level, rest = _split(key, "down_blocks.")
+            kind, rest = rest.split(".", 1)
+            if kind == "downsamplers":  # downsamplers.0.conv.* -> op.*
+                block = 1 + level * per_level + per_level - 1
+                new = f"input_blocks.{block}.0.op." + rest.split(".", 2)[2]
+            else:
+                j, rest = _split(rest, "")
+                block = 1 + level * per_level + j
+                new = (
+                    f"input_blocks.{block}.0." + _resnet_ldm(rest)
+                    if kind == "resnets"
+                    else f"input_blocks.{block}.1." + rest
+                )
+        elif key.startswith("mid_block."):
+            kind, rest = key[len("mid_block.") :].split(".", 1)
+            j, rest = _split(rest, "")
+            if kind == "resnets":
+                new = f"middle_block.{2 * j}." + _resnet_ldm(rest)
+            else:
+                new = "middle_block.1." + rest
+        elif key.startswith("up_blocks."):
+            level, rest = _split(key, "up_blocks.")
+            kind, rest = rest.split(".", 1)
+            if kind == "upsamplers":  # upsamplers.0.conv.* -> <block>.<1|2>.conv.*
+                block = level * per_level + per_level - 1
+                slot = 2 if has_attn_up[level] else 1
+                new = f"output_blocks.{block}.{slot}.conv." + rest.split(".", 2)[2]
+            else:
+                j, rest = _split(rest, "")
+                block = level * per_level + j
+                new = (
+                    f"output_blocks.{block}.0." + _resnet_ldm(rest)
+                    if kind == "resnets"
+                    else f"output_blocks.{block}.1." + rest
+                )
+        # ControlNet extras.
+        elif key.startswith("controlnet_down_blocks."):
+            j, rest = _split(key, "controlnet_down_blocks.")
+            new = f"zero_convs.{j}.0.{rest}"
+        elif key.startswith("controlnet_mid_block."):
+            new = "middle_block_out.0." + key[len("controlnet_mid_block.") :]
+        elif key.startswith("controlnet_cond_embedding."):
+            rest = key[len("controlnet_cond_embedding.") :]
+            if n_hint_blocks is None:
+                n_hint_blocks = len(
+                    {k.split(".")[2] for k in state_dict if k.startswith("controlnet_cond_embedding.blocks.")}
+                )
+            if rest.startswith("conv_in."):
+                new = "input_hint_block.0." + rest[len("conv_in.") :]
+            elif rest.startswith("conv_out."):
+                new = f"input_hint_block.{2 * (n_hint_blocks + 1)}." + rest[len("conv_out.") :]
+            else:
+                j, rest = _split(rest, "blocks.")
+                new = f"input_hint_block.{2 * (j + 1)}.{rest}"
+        if new is None:
+            raise KeyError(f"no ldm name for UNet key {key!r}")
+        out[new] = value
+    return out
+
+
+def vae_diffusers_to_ldm(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Rename a diffusers AutoencoderKL state dict to ldm keys (attention linears -> 1x1 convs)."""
+    n_levels = len(config["block_out_channels"])
+    attn_names = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        side, rest = key.split(".", 1)  # encoder / decoder / quant_conv / post_quant_conv
+        if side in ("quant_conv", "post_quant_conv"):
+            out[key] = value
+            continue
+        new = None
+        if rest.startswith(("conv_in.", "conv_out.")):
+            new = rest
+        elif rest.startswith("conv_norm_out."):
+            new = "norm_out." + rest[len("conv_norm_out.") :]
+        elif rest.startswith(("down_blocks.", "up_blocks.")):
+            kind = "down" if rest.startswith("down_blocks.") else "up"
+            level, rest2 = _split(rest, f"{kind}_blocks.")
+            if kind == "up":  # decoder.up is numbered from the highest resolution
+                level = n_levels - 1 - level
+            part, rest2 = rest2.split(".", 1)
+            if part in ("downsamplers", "upsamplers"):
+                sample = "downsample" if part == "downsamplers" else "upsample"
+                new = f"{kind}.{level}.{sample}.conv." + rest2.split(".", 2)[2]
+            else:
+                j, rest2 = _split(rest2, "")
+                new = f"{kind}.{level}.block.{j}." + rest2.replace("conv_shortcut.", "nin_shortcut.")
+        elif rest.startswith("mid_block.resnets."):
+            j, rest2 = _split(rest, "mid_block.resnets.")
+            new = f"mid.block_{j + 1}.{rest2}"
+        elif rest.startswith("mid_block.attentions.0."):
+            rest2 = rest[len("mid_block.attentions.0.") :]
+            for diff, ldm in attn_names.items():
+                if rest2.startswith(diff + "."):
+                    new = f"mid.attn_1.{ldm}." + rest2[len(diff) + 1 :]
+                    if diff != "group_norm" and value.ndim == 2:
+                        value = value[:, :, None, None]
+                    break
+        if new is None:
+            raise KeyError(f"no ldm name for VAE key {key!r}")
+        out[f"{side}.{new}"] = value
+    return out
+
+
+def clip_text_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModel keys -> SD1.5 ``cond_stage_model.transformer.text_model.*``.
+
+    transformers >= 5.6 drops the ``text_model.`` level; older versions keep it.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith("text_model."):
+            key = "text_model." + key
+        out["cond_stage_model.transformer." + key] = value
+    return out

@@ -30,13 +30,16 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .collect import read_lines
 from .errors import QRRLError
 from .files import atomic_copy, atomic_write_text
 from .image_io import save_figure
 from .schedule import Curriculum
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .collect import Backend
 
 STATE_VERSION = 1
 PHASES = ("collect", "train", "export", "done")
@@ -45,6 +48,39 @@ FROZEN_KEYS = ("name", "backend", "prompts", "payloads", "seeds", "seed_start", 
                "start_strength", "end_strength", "target_decode_rate", "curriculum_step", "curve", "end_ratio")
 METRIC_COLUMNS = ("round", "strength", "decode_rate", "module_accuracy", "clip_text", "clip_image", "reward",
                   "samples", "controlnet", "exported")
+#: ``backend`` setting → "module:class" of its :class:`LoopBackend`, imported only when a run
+#: chooses it (so the loop never loads the CPU demonstration's toy wing for ComfyUI runs).
+BACKENDS = {"comfy": "rl.comfy_backend:ComfyLoopBackend", "local": "rl.toy_backend:ToyLoopBackend"}
+
+
+class LoopBackend(Protocol):
+    """The loop's only view of where rounds sample: what to start from, what to train, who collects."""
+
+    name: str
+    default_prompts: Sequence[str]  # sampled when a run names no prompts (empty: refuse)
+    default_payloads: Sequence[str]
+
+    def validate(self) -> None:
+        """Refuse missing or contradictory settings before any work."""
+
+    def initial_controlnet(self) -> dict[str, str]:
+        """``{"name", "path"}`` of the ControlNet round 0 samples with (and the anchor)."""
+
+    def trainer_models(self) -> tuple[Path, str | os.PathLike[str] | None, str | os.PathLike[str] | None]:
+        """``(checkpoint, unet_config, controlnet_config)``: the files the samples came from."""
+
+    def collector(self, rec: Mapping[str, Any], r: int, run_dir: Path) -> Backend:
+        """The :class:`rl.collect.Backend` of round ``r`` (``rec``: its state, e.g. its ControlNet)."""
+
+
+def loop_backend(cfg: LoopConfig) -> LoopBackend:
+    """The :class:`LoopBackend` named by ``cfg.backend`` (see ``BACKENDS``)."""
+    import importlib
+
+    if cfg.backend not in BACKENDS:
+        raise QRRLError(f"backend must be {' or '.join(repr(b) for b in BACKENDS)}, got {cfg.backend!r}")
+    module, _, cls = BACKENDS[cfg.backend].partition(":")
+    return getattr(importlib.import_module(module), cls)(cfg)
 
 
 @dataclass
@@ -72,7 +108,7 @@ class LoopConfig:
     curve: str = "constant"
     end_ratio: float = 1.0
     # where
-    backend: str = "comfy"  # "comfy" | "local"
+    backend: str = "comfy"  # a key of BACKENDS: "comfy" | "local"
     servers: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8188"])
     per_server_concurrency: int = 1
     workflow: str | None = None
@@ -142,27 +178,17 @@ class LoopConfig:
         return data
 
     # ---- validation and derived values
-    def validate(self) -> None:
+    def validate(self, backend: LoopBackend | None = None) -> None:
+        """Shared settings, then the backend's own (``backend``: default ``loop_backend(self)``)."""
         from .trajectory import sanitize_run_name
 
         sanitize_run_name(self.name)
-        if self.backend not in ("comfy", "local"):
-            raise QRRLError(f"backend must be 'comfy' or 'local', got {self.backend!r}")
+        if backend is None:
+            backend = loop_backend(self)
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise QRRLError(f"rounds must be an integer >= 1, got {self.rounds!r}")
         self.curriculum_obj()
-        if self.backend == "comfy":
-            if not self.servers:
-                raise QRRLError("give at least one --server (e.g. http://127.0.0.1:8188)")
-            if not self.controlnet:
-                raise QRRLError("give --controlnet: the ControlNet file to start from (a name in ComfyUI's "
-                                "models/controlnet, e.g. control_v1p_sd15_qrcode_monster.safetensors)")
-            if not self.checkpoint:
-                raise QRRLError("give --checkpoint: the SD1.5 checkpoint the workflow samples with (a name in "
-                                "ComfyUI's models/checkpoints, or a path); the trainer loads the same file")
-            if not (self.comfyui_dir or self.controlnet_dir):
-                raise QRRLError("give --comfyui-dir (the ComfyUI folder, whose models/controlnet receives each "
-                                "round's ControlNet) or --controlnet-dir")
+        backend.validate()
         if self.per_server_concurrency < 1:
             raise QRRLError(f"per_server_concurrency must be >= 1, got {self.per_server_concurrency}")
         # fail before the first collection, not after it
@@ -174,21 +200,19 @@ class LoopConfig:
         return Curriculum(kind=self.curriculum, start=self.start_strength, end=self.end_strength, rounds=self.rounds,
                           target_decode_rate=self.target_decode_rate, step=self.curriculum_step)
 
-    def resolved_prompts(self) -> list[str]:
+    def resolved_prompts(self, default: Sequence[str] = ()) -> list[str]:
         out = list(self.prompts) + (read_lines(self.prompts_file, "prompts") if self.prompts_file else [])
         if not out:
-            if self.backend == "local":
-                from .toy import DEMO_PROMPTS
-
-                return list(DEMO_PROMPTS[:2])
+            if default:
+                return list(default)
             raise QRRLError("no prompts: set prompts = [...] / prompts_file, or --prompt / --prompts-file")
         return out
 
-    def resolved_payloads(self) -> list[str]:
+    def resolved_payloads(self, default: Sequence[str] = ()) -> list[str]:
         out = list(self.payloads) + (read_lines(self.payloads_file, "payloads") if self.payloads_file else [])
         if not out:
-            if self.backend == "local":
-                return ["QR-RL"]
+            if default:
+                return list(default)
             raise QRRLError("no payloads: set payloads = [...] / payloads_file, or --payload / --payloads-file")
         return out
 
@@ -198,17 +222,6 @@ class LoopConfig:
         if self.comfyui_dir:
             return Path(self.comfyui_dir).expanduser() / "models" / "controlnet"
         return Path(self.run_dir) / "controlnets"
-
-    def checkpoint_path(self) -> Path:
-        p = Path(str(self.checkpoint)).expanduser()
-        if p.is_file():
-            return p
-        if self.comfyui_dir:
-            q = Path(self.comfyui_dir).expanduser() / "models" / "checkpoints" / str(self.checkpoint)
-            if q.is_file():
-                return q
-        raise QRRLError(f"checkpoint {self.checkpoint!r} not found (as a path, or in --comfyui-dir's "
-                        "models/checkpoints); the trainer needs the very file ComfyUI samples with")
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,19 +339,22 @@ def _say(cfg: LoopConfig) -> Callable[[str], None]:
 
 
 def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None,
-             stop_after: str | None = None) -> LoopResult:
+             stop_after: str | None = None, backend: LoopBackend | None = None) -> LoopResult:
     """Run (or resume) the loop described by ``cfg``; see the module docstring.
 
     ``stop_after`` ("collect", "train", "export" or "round") returns early after that phase
-    of the current round (tests, and users who want one step at a time).
+    of the current round (tests, and users who want one step at a time). ``backend``: where
+    rounds sample (default: ``loop_backend(cfg)``, chosen by ``cfg.backend``).
     """
     say = log or _say(cfg)
-    cfg.validate()
+    backend = backend if backend is not None else loop_backend(cfg)
+    cfg.validate(backend)
     curriculum = cfg.curriculum_obj()
-    prompts, payloads = cfg.resolved_prompts(), cfg.resolved_payloads()
+    prompts = cfg.resolved_prompts(backend.default_prompts)
+    payloads = cfg.resolved_payloads(backend.default_payloads)
     run_dir = Path(cfg.run_dir).expanduser()
     cn_dir = cfg.controlnet_folder()
-    if cfg.backend == "local" and not (cfg.controlnet_dir or cfg.comfyui_dir):
+    if not (cfg.controlnet_dir or cfg.comfyui_dir):  # the default folder lives in the run folder
         cn_dir.mkdir(parents=True, exist_ok=True)
     check_writable(cn_dir)
     if cfg.threads:
@@ -364,7 +380,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None,
             atomic_write_text(run_dir / "config.json", json.dumps(asdict(cfg), indent=1, sort_keys=True))
             state.save()
 
-        base_cn = _initial_controlnet(cfg)
+        base_cn = backend.initial_controlnet()
         while True:
             r = len([x for x in state.rounds if x.get("phase") == "done"])
             if r >= cfg.rounds:
@@ -383,7 +399,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None,
             say(f"round {r + 1}/{cfg.rounds}: strength {rec['strength']:.3f}, ControlNet {rec['controlnet']}, phase {rec['phase']}")
 
             if rec["phase"] == "collect":
-                report = _collect_round(cfg, rec, r, round_dir, prompts, payloads, run_dir)
+                report = _collect_round(cfg, backend, rec, r, round_dir, prompts, payloads, run_dir)
                 rec["shards"] = [str(p) for p in _manifest_paths(round_dir)]
                 rec["metrics"] = _round_metrics(report.summary, rec["strength"])
                 rec["phase"] = "train"
@@ -394,7 +410,7 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None,
                     return LoopResult(run_dir, state.rounds, False)
 
             if rec["phase"] == "train":
-                out = _train_round(cfg, rec, r, round_dir, say)
+                out = _train_round(cfg, backend, rec, r, round_dir, base_cn, say)
                 rec["trained"] = str(out)
                 rec["phase"] = "export"
                 state.save()
@@ -422,25 +438,6 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def _initial_controlnet(cfg: LoopConfig) -> dict[str, str]:
-    if cfg.backend == "local":
-        from .toy import ASSETS, FILES
-
-        folder = Path(cfg.toy_model) if cfg.toy_model else ASSETS
-        path = Path(cfg.controlnet) if cfg.controlnet else folder / FILES["controlnet"]
-        if not path.is_file():
-            raise QRRLError(f"toy ControlNet {path} not found; run `qr-rl toy pretrain` or pass --toy-model")
-        return {"name": path.name, "path": str(path)}
-    name = str(cfg.controlnet)
-    p = Path(name).expanduser()
-    if not p.is_file():
-        p = cfg.controlnet_folder() / name
-    if not p.is_file():
-        raise QRRLError(f"ControlNet {name!r} not found in {cfg.controlnet_folder()}; copy it into ComfyUI's "
-                        "models/controlnet (the trainer needs the file the workflow loads)")
-    return {"name": p.name, "path": str(p)}
-
-
 def _manifest_paths(round_dir: Path) -> list[Path]:
     from .collect import Manifest
 
@@ -454,43 +451,26 @@ def _round_metrics(summary: Mapping[str, Any], strength: float) -> dict[str, Any
             "samples": summary.get("samples")}
 
 
-def _collect_round(cfg: LoopConfig, rec: dict[str, Any], r: int, round_dir: Path, prompts: list[str],
-                   payloads: list[str], run_dir: Path):
-    from .collect import ComfyBackend, LocalToyBackend, collect, parse_set, plan_jobs
+def _collect_round(cfg: LoopConfig, backend: LoopBackend, rec: dict[str, Any], r: int, round_dir: Path,
+                   prompts: list[str], payloads: list[str], run_dir: Path):
+    from .collect import collect, plan_jobs
 
     jobs = plan_jobs(prompts, payloads, cfg.seeds, cfg.seed_start, r, rec["strength"], cfg.batch, rec["controlnet"])
-    if cfg.backend == "local":
-        backend = LocalToyBackend(cfg.toy_model, rec["controlnet_path"] if r > 0 or cfg.controlnet else None,
-                                  steps=cfg.steps, run_name=cfg.name)
-    else:
-        overrides = parse_set(cfg.set)
-        if cfg.steps:
-            overrides.setdefault("RL Sampler.steps", cfg.steps)
-        ckpt = str(cfg.checkpoint)
-        backend = ComfyBackend(cfg.workflow, cfg.servers, cfg.per_server_concurrency, run_name=cfg.name,
-                               controlnet=rec["controlnet"], checkpoint=Path(ckpt).name, negative=cfg.negative,
-                               curve=cfg.curve, end_ratio=cfg.end_ratio, overrides=overrides,
-                               job_timeout=cfg.job_timeout, key_salt=str(run_dir.resolve()))
-    return collect(jobs, backend, round_dir, progress=cfg.progress)
+    return collect(jobs, backend.collector(rec, r, run_dir), round_dir, progress=cfg.progress)
 
 
-def _train_round(cfg: LoopConfig, rec: dict[str, Any], r: int, round_dir: Path, say) -> Path:
+def _train_round(cfg: LoopConfig, backend: LoopBackend, rec: dict[str, Any], r: int, round_dir: Path,
+                 base_cn: Mapping[str, str], say) -> Path:
     from .train import TrainConfig, train
 
     shards = [str(p) for p in _manifest_paths(round_dir)]
-    if cfg.backend == "local":
-        from .toy import ASSETS, CONTROLNET_CONFIG_FILE, FILES, UNET_CONFIG_FILE
-
-        folder = Path(cfg.toy_model) if cfg.toy_model else ASSETS
-        checkpoint, unet_cfg, cn_cfg = folder / FILES["unet"], folder / UNET_CONFIG_FILE, folder / CONTROLNET_CONFIG_FILE
-    else:
-        checkpoint, unet_cfg, cn_cfg = cfg.checkpoint_path(), cfg.unet_config, cfg.controlnet_config
+    checkpoint, unet_cfg, cn_cfg = backend.trainer_models()
     tc = TrainConfig(
         trajectories=shards, checkpoint=checkpoint, controlnet=rec["controlnet_path"],
         out=round_dir / "train" / "controlnet.safetensors", run_dir=round_dir / "train" / "run",
         unet_config=unet_cfg, controlnet_config=cn_cfg, mode=cfg.mode, lora_rank=cfg.lora_rank, lr=cfg.lr,
         epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction, steps_from=cfg.steps_from, kl_coef=cfg.kl_coef,
-        anchor_decay=cfg.anchor_decay, anchor_controlnet=_initial_controlnet(cfg)["path"] if cfg.anchor_decay > 0 else None,
+        anchor_decay=cfg.anchor_decay, anchor_controlnet=base_cn["path"] if cfg.anchor_decay > 0 else None,
         step_weighting=cfg.step_weighting, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
         resume=True, seed=cfg.train_seed + r, run_name=cfg.name, round=r, export_dtype=cfg.export_dtype,
         cpu=cfg.cpu, progress=cfg.progress,

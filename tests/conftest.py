@@ -97,7 +97,7 @@ def pytest_runtest_makereport(item, call):
 def tiny_sd_files():
     """The tiny SD1.5 checkpoint, ControlNet and diffusers config folder (built once, cached
     in ``~/.cache/comfyui-qr-rl-tests/<fingerprint>/`` or ``$QR_RL_TEST_CACHE``)."""
-    from rl.tiny_sd import ensure_tiny_sd
+    from rl.testing.tiny_sd import ensure_tiny_sd
 
     return ensure_tiny_sd()
 

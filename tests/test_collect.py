@@ -10,15 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rl.collect import (
-    DEFAULT_WORKFLOW,
-    LocalToyBackend,
-    Manifest,
-    collect,
-    parse_set,
-    plan_jobs,
-    shard_summary,
-)
+from rl.collect import Manifest, collect, plan_jobs, shard_summary
+from rl.comfy_backend import DEFAULT_WORKFLOW, parse_set
 from rl.comfy_client import ComfyUnavailable, ServerPool, apply_overrides, check_workflow
 from rl.errors import QRRLError
 
@@ -193,6 +186,8 @@ def test_node_errors_reported_in_node_order():
 
 
 def test_local_backend_collects_resumes_and_recovers(tiny_toy, tmp_path):
+    from rl.toy_backend import LocalToyBackend
+
     backend = LocalToyBackend(tiny_toy, steps=3)
     jobs = plan_jobs([TOY_PROMPT], ["QR-RL", "HELLO"], seeds=2, strength=0.9)
     rep = collect(jobs, backend, tmp_path, progress=False)

@@ -19,7 +19,8 @@ import pytest
 from comfy_helpers import CKPT, CONTROLNET, load_api, scan_only, set_inputs
 from conftest import _free_port, comfy_command
 
-from rl.collect import ComfyBackend, Manifest, collect, plan_jobs, shard_summary
+from rl.collect import Manifest, collect, plan_jobs, shard_summary
+from rl.comfy_backend import ComfyBackend
 from rl.comfy_client import ComfyClient, ComfyNodeError, ComfyUnavailable, check_workflow
 from rl.errors import QRRLError
 
@@ -39,7 +40,7 @@ def tiny_workflow(tmp_path: Path) -> Path:
 
 
 def backend(url: str, wf: Path, run: str, **kw) -> ComfyBackend:
-    from rl.collect import parse_set
+    from rl.comfy_backend import parse_set
 
     return ComfyBackend(wf, [url], run_name=run, controlnet=CONTROLNET, checkpoint=CKPT,
                         overrides=parse_set(TINY), job_timeout=300, **kw)

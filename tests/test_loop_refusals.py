@@ -41,7 +41,7 @@ class FakeComfy:
 
             def do_GET(self):  # noqa: N802 - http.server's naming
                 if self.path.startswith("/object_info"):
-                    from rl.collect import DEFAULT_WORKFLOW
+                    from rl.comfy_backend import DEFAULT_WORKFLOW
 
                     wf = json.loads(DEFAULT_WORKFLOW.read_text())
                     self._json({n["class_type"]: {} for n in wf.values()})

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from rl import tiny_sd
-from rl.tiny_sd import (
+from rl.testing import tiny_sd
+from rl.testing.tiny_sd import (
     build_tiny_controlnet_model,
     build_tiny_unet,
     clip_l_text_config,

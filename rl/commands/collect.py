@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..collect import ComfyBackend, LocalToyBackend, collect, parse_set, plan_jobs, read_lines
+    from ..collect import collect, plan_jobs, read_lines
 
     prompts = list(args.prompt) + (read_lines(args.prompts_file, "prompts") if args.prompts_file else [])
     payloads = list(args.payload) + (read_lines(args.payloads_file, "payloads") if args.payloads_file else [])
@@ -68,13 +68,14 @@ def run(args: argparse.Namespace) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        backend = LocalToyBackend(args.toy_model, args.controlnet, steps=args.steps, run_name=args.run)
-        if not prompts:
-            from ..toy import DEMO_PROMPTS
+        from ..toy_backend import DEFAULT_PAYLOADS, LocalToyBackend, default_prompts
 
-            prompts = list(DEMO_PROMPTS[:2])
-        payloads = payloads or ["QR-RL"]
+        backend = LocalToyBackend(args.toy_model, args.controlnet, steps=args.steps, run_name=args.run)
+        prompts = prompts or default_prompts()
+        payloads = payloads or list(DEFAULT_PAYLOADS)
     else:
+        from ..comfy_backend import ComfyBackend, parse_set
+
         overrides = parse_set(args.set)
         if args.steps:
             overrides.setdefault("RL Sampler.steps", args.steps)
