@@ -1,25 +1,38 @@
-"""ComfyUI adapters. Each module here exports ``NODES``: a list of V3 ``io.ComfyNode`` classes.
+"""ComfyUI adapters: the V3 ``io.ComfyNode`` classes of the pack, listed in :func:`all_nodes`.
 
 Nodes stay thin: they convert ComfyUI types (IMAGE ``[B,H,W,C]`` in 0..1, LATENT dicts,
 CONDITIONING, MODEL, CONTROL_NET) to calls into ``rl/`` and back.
+
+Why a list and not a scan of this folder: what the pack registers is visible in one place,
+in the order the menu shows it, and a helper module never registers by accident
+(``tests/test_node_list.py`` checks the list against every node class defined here).
 """
 
 from __future__ import annotations
-
-import importlib
-import pkgutil
 
 from comfy_api.latest import ComfyExtension, io
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:
-    found: list[type[io.ComfyNode]] = []
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        found.extend(getattr(module, "NODES", []))
-    return found
+    """Every node of the pack, in workflow order (imported here, when ComfyUI asks for them)."""
+    from .clip_reward import QRClipScorerLoader, QRClipSimilarityReward
+    from .combine_rewards import QRCombineRewards
+    from .qr_encode import QRCodeEncode
+    from .rl_sampler import QRControlNetSamplerRL
+    from .scan_reward import QRScanReward
+    from .scheduled_controlnet import QRScheduledControlNetApply
+    from .trajectory_recorder import QRTrajectoryRecorder
+
+    return [
+        QRCodeEncode,
+        QRScheduledControlNetApply,
+        QRControlNetSamplerRL,
+        QRScanReward,
+        QRClipScorerLoader,
+        QRClipSimilarityReward,
+        QRCombineRewards,
+        QRTrajectoryRecorder,
+    ]
 
 
 class QRRLExtension(ComfyExtension):

@@ -101,6 +101,3 @@ class QRClipSimilarityReward(io.ComfyNode):
         reward = clip_reward(clip_scorer, images, text, base_images)
         report = reward.report()
         return io.NodeOutput(reward, report, ui={"text": [report]})
-
-
-NODES = [QRClipScorerLoader, QRClipSimilarityReward]

@@ -38,6 +38,3 @@ class QRCombineRewards(io.ComfyNode):
         combined = combine_rewards([r for r, _ in pairs], [w for _, w in pairs])
         report = combined.report()
         return io.NodeOutput(combined, report, ui={"text": [report]})
-
-
-NODES = [QRCombineRewards]

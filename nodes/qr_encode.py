@@ -52,6 +52,3 @@ class QRCodeEncode(io.ComfyNode):
         hint = numpy_to_images([code.render()])
         dark_mask = torch.from_numpy(code.mask_image()).float().unsqueeze(0)
         return io.NodeOutput(hint, dark_mask, code)
-
-
-NODES = [QRCodeEncode]

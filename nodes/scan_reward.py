@@ -54,6 +54,3 @@ class QRScanReward(io.ComfyNode):
         report = f"decode rate {decode_rate:.0%} ({len(results)} images)\n" + "\n".join(lines)
         overlay = numpy_to_images([r.overlay for r in results])
         return io.NodeOutput(reward, decode_rate, report, overlay, ui={"text": [report]})
-
-
-NODES = [QRScanReward]

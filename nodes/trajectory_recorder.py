@@ -91,6 +91,3 @@ class QRTrajectoryRecorder(io.ComfyNode):
         text = f"wrote {path}\n{summary}"
         shard = {"filename": path.name, "subfolder": f"{SUBFOLDER}/{run}", "type": "output"}
         return io.NodeOutput(str(path), ui={"text": [text], "shards": [shard]})
-
-
-NODES = [QRTrajectoryRecorder]

@@ -104,6 +104,8 @@ def test_expected_nodes_registered(comfy_server):
         if not info[n].get("category", "").startswith("QR-RL")
     }
     assert not wrong, f"categories must start with 'QR-RL': {wrong}"
+    ours = sorted(n for n, v in info.items() if str(v.get("category", "")).startswith("QR-RL"))
+    assert ours == sorted(EXPECTED_NODE_IDS), "the pack registers exactly the listed nodes"
 
 
 def test_tiny_models_listed(comfy_server):
