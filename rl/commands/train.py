@@ -3,6 +3,86 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+#: (TrainConfig field, flag, argparse keywords). One entry per setting: its default is the
+#: dataclass's (flags not given are left out, so ``TrainConfig`` fills them in), and a help text's
+#: "(default …)" is checked against it (tests/test_train_flags.py). Fields without a flag are
+#: listed in ``NO_FLAG``.
+OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("trajectories", "--trajectories", dict(nargs="+", required=True, metavar="DIR",
+     help="folders (searched recursively) or .safetensors shard files to train on")),
+    ("checkpoint", "--checkpoint", dict(required=True,
+     help="base SD1.5 checkpoint .safetensors (single file or diffusers UNet)")),
+    ("controlnet", "--controlnet", dict(required=True,
+     help="ControlNet .safetensors to start from (diffusers or original layout)")),
+    ("out", "--out", dict(required=True, help="output ControlNet .safetensors (the adapter goes next to it)")),
+    ("unet_config", "--unet-config", dict(help="diffusers UNet config folder (default: shipped SD1.5)")),
+    ("controlnet_config", "--controlnet-config", dict(help="diffusers ControlNet config folder (default: shipped SD1.5)")),
+    ("objective", "--objective", dict(choices=("ddpo", "rwr"),
+     help="ddpo (default): PPO-clip on the recorded steps' log-probabilities; rwr: reward-weighted "
+          "regression of the plain ControlNet onto the recorded predictions (rl/objectives.py)")),
+    ("awr_beta", "--awr-beta", dict(type=float,
+     help="rwr: temperature of the sample weights exp(A/β); smaller keeps only the best (default 1)")),
+    ("target_strength", "--target-strength", dict(type=float,
+     help="rwr: train the ControlNet at this one strength, the one it will be used at (default: "
+          "each step's recorded strength)")),
+    ("optimizer_from", "--optimizer-from", dict(metavar="RUN_DIR",
+     help="carry the AdamW state of a previous run folder (its checkpoint.safetensors): one "
+          "optimizer across curriculum rounds")),
+    ("mode", "--mode", dict(choices=("lora", "full", "zero_convs"),
+     help="what trains: lora (default: a LoRA adapter), full (every ControlNet weight) or "
+          "zero_convs (only the ControlNet's output projections: fewest parameters, learns from "
+          "the fewest samples)")),
+    ("lora_rank", "--lora-rank", dict(type=int, help="LoRA rank (default 8)")),
+    ("lora_alpha", "--lora-alpha", dict(type=float, help="LoRA alpha (default: the rank, scale 1)")),
+    ("lr", "--lr", dict(type=float, help="AdamW learning rate (default 1e-4)")),
+    ("weight_decay", "--weight-decay", dict(type=float, help="AdamW weight decay (default 1e-4)")),
+    ("epochs", "--epochs", dict(type=int, help="passes over the shards (default 4)")),
+    ("clip_range", "--clip-range", dict(type=float,
+     help="PPO clip range ε on the per-element ratio (default 0.02; watch clip_fraction in the log)")),
+    ("timestep_fraction", "--timestep-fraction", dict(type=float,
+     help="fraction of each trajectory's trainable steps used per epoch (default 0.5)")),
+    ("steps_from", "--steps-from", dict(type=float,
+     help="train only the steps from this fraction of the trajectory on, e.g. 0.7 = the last 30%% "
+          "(default 0: all); where the ControlNet's late steps decide whether the code scans")),
+    ("step_weighting", "--step-weighting", dict(choices=("std", "none"),
+     help="ddpo: none (default): the plain mean over steps; std: weight each step's loss by its "
+          "noise std (puts much of the update on the first, noisiest steps)")),
+    ("kl_coef", "--kl-coef", dict(type=float, help="weight of the KL to the starting ControlNet (default 0)")),
+    ("anchor_decay", "--anchor-decay", dict(type=float,
+     help="after each optimizer step pull the weights this fraction of the way back toward "
+          "--anchor-controlnet (default 0 = off; full and zero_convs modes)")),
+    ("anchor_controlnet", "--anchor-controlnet", dict(
+     help="the ControlNet the anchor pulls toward (default: --controlnet, the starting one)")),
+    ("batch_size", "--batch-size", dict(type=int, help="(sample, step) units per forward (default 8)")),
+    ("grad_accum", "--grad-accum", dict(type=int, help="micro-batches per optimizer step (default 1)")),
+    ("max_grad_norm", "--max-grad-norm", dict(type=float, help="gradient-norm clip (default 1.0)")),
+    ("mixed_precision", "--mixed-precision", dict(choices=("no", "bf16", "fp16"),
+     help="autocast precision on GPU (default no; bf16 recommended on Ampere+)")),
+    ("gradient_checkpointing", "--gradient-checkpointing", dict(action="store_true",
+     help="trade ~30%% time for much less memory")),
+    ("resume", "--resume", dict(action="store_true",
+     help="continue the run in OUT's .run folder (no-op if finished)")),
+    ("allow_base_mismatch", "--allow-base-mismatch", dict(action="store_true",
+     help="train on shards recorded with another base checkpoint (off-policy; not recommended)")),
+    ("seed", "--seed", dict(type=int, help="seed of the per-epoch step choice and shuffling (default 0)")),
+    ("min_group_size", "--min-group-size", dict(type=int,
+     help="smaller (prompt, payload, strength) groups use batch reward statistics (default 4)")),
+    ("stats_from", "--stats-from", dict(help="stat_tracker.json of a previous round (running baseline)")),
+    ("stat_buffer", "--stat-buffer", dict(type=int, help="past rewards per group kept across rounds (default 0)")),
+    ("run_dir", "--run-dir", dict(help="run folder for metrics/checkpoints (default: OUT minus suffix + .run)")),
+    ("run_name", "--run-name", dict(help="training run name recorded in the output metadata")),
+    ("round", "--round", dict(type=int, help="curriculum round recorded in the output metadata")),
+    ("export_dtype", "--export-dtype", dict(choices=("fp16", "bf16", "fp32"),
+     help="output weight dtype (default fp16)")),
+    ("export_layout", "--export-layout", dict(choices=("auto", "diffusers", "ldm"),
+     help="auto (default): diffusers keys for standard SD1.5 sizes, original keys otherwise")),
+    ("cpu", "--cpu", dict(action="store_true", help="train on the CPU even when a GPU is present")),
+    ("progress", "--no-progress", dict(action="store_false", help="no progress bars")),
+]
+#: TrainConfig fields deliberately without a flag (library callers set them).
+NO_FLAG = ("adam_eps", "adv_clip")
 
 
 def register(subparsers) -> None:
@@ -15,97 +95,27 @@ def register(subparsers) -> None:
                     "log-probabilities. Trains LoRA (default) or the full ControlNet, exports a ControlNet ComfyUI loads. "
                     "Works offline (HF_HUB_OFFLINE=1); multi-GPU with `accelerate launch -m rl train ...`.",
     )
-    p.add_argument("--trajectories", nargs="+", required=True, metavar="DIR",
-                   help="folders (searched recursively) or .safetensors shard files to train on")
-    p.add_argument("--checkpoint", required=True, help="base SD1.5 checkpoint .safetensors (single file or diffusers UNet)")
-    p.add_argument("--controlnet", required=True, help="ControlNet .safetensors to start from (diffusers or original layout)")
-    p.add_argument("--out", required=True, help="output ControlNet .safetensors (the adapter goes next to it)")
-    p.add_argument("--unet-config", default=None, help="diffusers UNet config folder (default: shipped SD1.5)")
-    p.add_argument("--controlnet-config", default=None, help="diffusers ControlNet config folder (default: shipped SD1.5)")
-    p.add_argument("--objective", choices=("ddpo", "rwr"), default="ddpo",
-                   help="ddpo (default): PPO-clip on the recorded steps' log-probabilities; rwr: reward-weighted "
-                        "regression of the plain ControlNet onto the recorded predictions (rl/objectives.py)")
-    p.add_argument("--awr-beta", type=float, default=1.0,
-                   help="rwr: temperature of the sample weights exp(A/β); smaller keeps only the best (default 1)")
-    p.add_argument("--target-strength", type=float, default=None,
-                   help="rwr: train the ControlNet at this one strength, the one it will be used at (default: "
-                        "each step's recorded strength)")
-    p.add_argument("--optimizer-from", default=None, metavar="RUN_DIR",
-                   help="carry the AdamW state of a previous run folder (its checkpoint.safetensors): one "
-                        "optimizer across curriculum rounds")
-    p.add_argument("--mode", choices=("lora", "full", "zero_convs"), default=None,
-                   help="what trains: lora (default: a LoRA adapter), full (every ControlNet weight) or "
-                        "zero_convs (only the ControlNet's output projections: fewest parameters, learns from "
-                        "the fewest samples)")
-    p.add_argument("--full", action="store_true", help="same as --mode full")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
-    p.add_argument("--epochs", type=int, default=4, help="passes over the shards (default 4)")
-    p.add_argument("--clip-range", type=float, default=0.02,
-                   help="PPO clip range ε on the per-element ratio (default 0.02; watch clip_fraction in the log)")
-    p.add_argument("--timestep-fraction", type=float, default=0.5,
-                   help="fraction of each trajectory's trainable steps used per epoch (default 0.5)")
-    p.add_argument("--steps-from", type=float, default=0.0,
-                   help="train only the steps from this fraction of the trajectory on, e.g. 0.7 = the last 30%% "
-                        "(default 0: all); where the ControlNet's late steps decide whether the code scans")
-    p.add_argument("--step-weighting", choices=("std", "none"), default="none",
-                   help="ddpo: none (default): the plain mean over steps; std: weight each step's loss by its "
-                        "noise std (puts much of the update on the first, noisiest steps)")
-    p.add_argument("--kl-coef", type=float, default=0.0, help="weight of the KL to the starting ControlNet (default 0)")
-    p.add_argument("--anchor-decay", type=float, default=0.0,
-                   help="after each optimizer step pull the weights this fraction of the way back toward "
-                        "--anchor-controlnet (default 0 = off; full and zero_convs modes)")
-    p.add_argument("--anchor-controlnet", default=None,
-                   help="the ControlNet the anchor pulls toward (default: --controlnet, the starting one)")
-    p.add_argument("--batch-size", type=int, default=8, help="(sample, step) units per forward (default 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
-                   help="autocast precision on GPU (default no; bf16 recommended on Ampere+)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="trade ~30%% time for much less memory")
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT's .run folder (no-op if finished)")
-    p.add_argument("--allow-base-mismatch", action="store_true",
-                   help="train on shards recorded with another base checkpoint (off-policy; not recommended)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-epoch step choice and shuffling")
-    p.add_argument("--min-group-size", type=int, default=4,
-                   help="smaller (prompt, payload, strength) groups use batch reward statistics (default 4)")
-    p.add_argument("--stats-from", default=None, help="stat_tracker.json of a previous round (running baseline)")
-    p.add_argument("--stat-buffer", type=int, default=0, help="past rewards per group kept across rounds (default 0)")
-    p.add_argument("--run-dir", default=None, help="run folder for metrics/checkpoints (default: OUT minus suffix + .run)")
-    p.add_argument("--run-name", default=None, help="training run name recorded in the output metadata")
-    p.add_argument("--round", type=int, default=None, help="curriculum round recorded in the output metadata")
-    p.add_argument("--export-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="output weight dtype")
-    p.add_argument("--export-layout", choices=("auto", "diffusers", "ldm"), default="auto",
-                   help="auto: diffusers keys for standard SD1.5 sizes, original keys otherwise")
-    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for field, flag, kw in OPTIONS:
+        p.add_argument(flag, dest=field, default=argparse.SUPPRESS, **kw)
+    p.add_argument("--full", dest="mode", action="store_const", const="full", default=argparse.SUPPRESS,
+                   help="same as --mode full")
     p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The ``TrainConfig`` of parsed flags: the given ones, the dataclass's defaults for the rest."""
+    from ..train import TrainConfig
+
+    return TrainConfig(**{field: getattr(args, field) for field, _flag, _kw in OPTIONS if hasattr(args, field)})
 
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import require_extra
 
     require_extra("train")
-    from ..train import TrainConfig, train
+    from ..train import train
 
-    config = TrainConfig(
-        trajectories=args.trajectories, checkpoint=args.checkpoint, controlnet=args.controlnet, out=args.out,
-        unet_config=args.unet_config, controlnet_config=args.controlnet_config, objective=args.objective,
-        awr_beta=args.awr_beta, target_strength=args.target_strength, optimizer_from=args.optimizer_from,
-        mode=args.mode or ("full" if args.full else "lora"), step_weighting=args.step_weighting, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.lr,
-        weight_decay=args.weight_decay, epochs=args.epochs, clip_range=args.clip_range,
-        timestep_fraction=args.timestep_fraction, steps_from=args.steps_from, kl_coef=args.kl_coef, anchor_decay=args.anchor_decay,
-        anchor_controlnet=args.anchor_controlnet, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, resume=args.resume,
-        allow_base_mismatch=args.allow_base_mismatch, seed=args.seed, min_group_size=args.min_group_size,
-        stats_from=args.stats_from, stat_buffer=args.stat_buffer, run_dir=args.run_dir, run_name=args.run_name,
-        round=args.round, export_dtype=args.export_dtype, export_layout=args.export_layout, cpu=args.cpu,
-        progress=not args.no_progress,
-    )
-    result = train(config)
+    result = train(config_from_args(args))
     if not result.already_finished:
         print(f"qr-rl train: done: {result.out}" + (f" (adapter {result.adapter})" if result.adapter else ""))
     return 0
