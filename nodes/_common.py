@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 CATEGORY = "QR-RL"
 
-# Custom socket types of DESIGN §2. Values are plain rl/ objects (QRCode, Reward, ClipScorer).
+# Custom socket types of docs/design.md §2. Values are plain rl/ objects (QRCode, Reward, ClipScorer).
 QRCodeType = io.Custom("QR_CODE")
 RewardType = io.Custom("QR_REWARD")
 ClipScorerType = io.Custom("CLIP_SCORER")

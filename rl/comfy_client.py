@@ -1,4 +1,4 @@
-"""A small client for ComfyUI's HTTP/WebSocket API, for headless collection (DESIGN §6).
+"""A small client for ComfyUI's HTTP/WebSocket API, for headless collection (docs/design.md §6).
 
 Why our own: the loop needs exactly five things from a ComfyUI server (``/object_info``,
 ``/prompt``, ``/ws`` progress, ``/history`` results, ``/view`` downloads) with clear errors, and

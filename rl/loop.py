@@ -1,4 +1,4 @@
-"""The curriculum loop (DESIGN §6): strength → collect → train → export → next round.
+"""The curriculum loop (docs/design.md §6): strength → collect → train → export → next round.
 
 Why a run folder with a state file: a loop runs for hours on several servers and will be
 killed (OOM, pre-emption, Ctrl-C, ``kill -9``). ``state.json`` is rewritten atomically after

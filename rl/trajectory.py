@@ -1,4 +1,4 @@
-"""Trajectory shards, format v1 (DESIGN §4): one safetensors file per recorded batch.
+"""Trajectory shards, format v1 (docs/design.md §4): one safetensors file per recorded batch.
 
 Why a strict, versioned format: shards are written by ComfyUI (the Trajectory Recorder node)
 and by the in-process collector, and read later by the trainer, perhaps on another machine

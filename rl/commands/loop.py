@@ -1,4 +1,4 @@
-"""``qr-rl loop``: rounds of curriculum strength → collect → train → export (DESIGN §6).
+"""``qr-rl loop``: rounds of curriculum strength → collect → train → export (docs/design.md §6).
 
 Why every option is also a flag: a TOML file keeps a run reproducible, and a flag overrides
 one value without editing it. Unknown TOML keys are an error naming the valid ones.
