@@ -47,7 +47,7 @@ class LocalToyBackend:
         self.controlnet_path = Path(controlnet) if controlnet else self.model.controlnet_path
         self.controlnet_module = None
         if controlnet:
-            from .convert import load_controlnet
+            from .weights import load_controlnet
 
             self.controlnet_module = load_controlnet(controlnet, self.model.controlnet_config_path).requires_grad_(False)
         self.steps = steps

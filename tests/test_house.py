@@ -91,7 +91,7 @@ def test_no_product_module_imports_the_toy_wing_or_the_test_builders():
 def test_importing_the_product_loads_no_toy_module():
     code = (
         "import json, sys\n"
-        "import rl.collect, rl.comfy_backend, rl.comfy_client, rl.convert, rl.loop, rl.policy, rl.train\n"
+        "import rl.collect, rl.comfy_backend, rl.comfy_client, rl.convert, rl.weights, rl.loop, rl.policy, rl.train\n"
         "from rl.loop import LoopConfig, loop_backend\n"
         "cfg = LoopConfig(backend='comfy', controlnet='cn.safetensors', checkpoint='m.safetensors', comfyui_dir='.')\n"
         "cfg.validate()\n"

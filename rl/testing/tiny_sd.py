@@ -18,7 +18,7 @@ Files written:
   ``scheduler/``) so diffusers can load the files offline with ``from_single_file(...,
   config=folder, subfolder=...)``.
 
-The diffusers -> ldm key tables live in :mod:`rl.convert` (the ControlNet export uses them too).
+The diffusers -> ldm key tables live in :mod:`rl.weights` (the ControlNet export uses them too).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from .._compat import ensure_torchvision_importable
-from ..convert import clip_text_to_ldm, unet_diffusers_to_ldm, vae_diffusers_to_ldm
 from ..files import atomic_dir, atomic_save_safetensors
+from ..weights import clip_text_to_ldm, unet_diffusers_to_ldm, vae_diffusers_to_ldm
 
 # Bump when the conversion or the weights' recipe changes: it is part of the cache key.
 FORMAT_VERSION = 1
