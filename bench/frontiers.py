@@ -15,7 +15,10 @@ Arms (each a frontier: a sweep of the ControlNet strength):
   tuned-plain     the ControlNet ``qr-rl demo`` trained (rwr), loaded into a plain sampler: what
                   anyone gets from the exported file; one per training seed and recipe;
   tuned-tricks    the same tuned file with module feedback + luma-only control;
-  recipes: ``curriculum`` (the demo's default, 0.8 → 0.5) and ``flat`` (every round at 0.5).
+  guided          scan guidance (rl.scan_guidance, the last step) on the untrained sampler: alone in a
+                  plain sampler, and on top of the tricks;
+  recipes: ``curriculum`` (the demo's default, 0.8 → 0.5), ``flat`` (every round at 0.5) and
+  ``guided`` (the curriculum, with scan guidance in the rounds' sampler: the teacher rwr distils).
 
 The headline per arm is the decode rate at the art budget, interpolated on its frontier, with a
 95% bootstrap interval over items (and seeds); differences between arms are paired per item.
@@ -43,6 +46,9 @@ DIAL = (0.4, 0.45, 0.5, 0.55, 0.6, 0.7)
 TRICKS = (0.3, 0.4, 0.5, 0.6)
 TUNED_PLAIN = (0.4, 0.5, 0.6)
 TUNED_TRICKS = (0.3, 0.4, 0.5)
+GUIDED_PLAIN = (0.3, 0.4, 0.5)
+GUIDED_TRICKS = (0.2, 0.3, 0.4)
+RECIPES = ("curriculum", "flat", "guided")
 BEST_OF = (2, 4, 8)
 EVAL_SEED0 = 70_000
 
@@ -55,7 +61,7 @@ def _items(n: int):
 
 
 def evaluate(model, scorer, strength, n: int, controlnet=None, tricks: bool = False, seed_shift: int = 0,
-             batch: int = 64) -> dict[str, list[float]]:
+             batch: int = 64, guided: bool = False) -> dict[str, list[float]]:
     """Per-item decoded (0/1), scan score, CLIP art and held-out art at ``strength``."""
     import torch
 
@@ -67,11 +73,12 @@ def evaluate(model, scorer, strength, n: int, controlnet=None, tricks: bool = Fa
     prompts, codes, seeds = _items(n)
     seeds = [s + seed_shift for s in seeds]
     fb = DemoConfig(out=".").feedback() if tricks else None
+    guidance = DemoConfig(out=".", scan_guidance=True).guidance() if guided else None
     out: dict[str, list[float]] = {"decoded": [], "scan": [], "art": [], "art_heldout": []}
     for i in range(0, n, batch):
         sl = slice(i, i + batch)
         imgs = sample(model, prompts[sl], codes[sl], seeds[sl], strength, controlnet=controlnet, record=False,
-                      feedback=fb, luma_control=tricks).images
+                      feedback=fb, luma_control=tricks, guidance=guidance).images
         base = sample(model, prompts[sl], None, seeds[sl], 0.0, record=False).images
         scan = scan_reward(images_hwc_uint8(imgs), codes[sl])
         art = model.art_reward(imgs, prompts[sl], base, scorer).components["clip_image"]
@@ -108,6 +115,15 @@ def part_baselines(args, model, scorer) -> None:
                                                                               "seconds": time.perf_counter() - t0}
             _save(out, res)
             print(f"{key}: decode {np.mean(res[key]['decoded']):.3f} art {np.mean(res[key]['art']):.3f}", flush=True)
+    for name, strengths, tricks in (("guided", GUIDED_PLAIN, False), ("guided-tricks", GUIDED_TRICKS, True)):
+        for s in strengths:
+            key = f"{name}@{s}"
+            if key not in res:
+                t0 = time.perf_counter()
+                res[key] = evaluate(model, scorer, s, args.items, tricks=tricks, guided=True) | {
+                    "strength": s, "seconds": time.perf_counter() - t0}
+                _save(out, res)
+                print(f"{key}: decode {np.mean(res[key]['decoded']):.3f} art {np.mean(res[key]['art']):.3f}", flush=True)
     for j in range(1, max(BEST_OF)):
         key = f"draw{j}@{model.demo_strength}"
         if key not in res:
@@ -130,8 +146,8 @@ def part_train(args, model, scorer) -> None:
         _save(out, res)
     if "summary" not in res:
         t0 = time.perf_counter()
-        cfg = DemoConfig(out=run_dir, seed=args.seed, curriculum="linear" if args.recipe == "curriculum" else "none",
-                         eval_samples=16, progress=False, keep_shards=False)
+        cfg = DemoConfig(out=run_dir, seed=args.seed, curriculum="none" if args.recipe == "flat" else "linear",
+                         scan_guidance=args.recipe == "guided", eval_samples=16, progress=False, keep_shards=False)
         summary = run_demo(cfg, log=lambda m: print(f"  {name}: {m}", flush=True)).summary
         res["summary"] = {k: summary[k] for k in ("plain", "tricks", "schedule", "wall_time_s")}
         res["train_seconds"] = time.perf_counter() - t0
@@ -203,12 +219,16 @@ def report(args, model) -> None:
     arms: dict[str, list[list[dict]]] = {}  # arm -> one frontier per seed
     arms["dial (pretrained, plain)"] = [[base[f"dial@{s}"] for s in DIAL]]
     arms["tricks, untrained"] = [[base[f"tricks@{s}"] for s in TRICKS]]
+    if all(f"guided@{s}" in base for s in GUIDED_PLAIN):
+        arms["scan guidance, untrained"] = [[base[f"guided@{s}"] for s in GUIDED_PLAIN]]
+    if all(f"guided-tricks@{s}" in base for s in GUIDED_TRICKS):
+        arms["tricks + scan guidance, untrained"] = [[base[f"guided-tricks@{s}"] for s in GUIDED_TRICKS]]
     draws = [base[f"draw{j}@{demo}"] for j in range(1, max(BEST_OF)) if f"draw{j}@{demo}" in base]
     singles: dict[str, dict] = {}
     for n in BEST_OF:
         if len(draws) >= n - 1:
             singles[f"best-of-{n} (pretrained, {demo})"] = best_of(ref, draws, n)
-    for recipe in ("curriculum", "flat"):
+    for recipe in RECIPES:
         files = sorted(root.glob(f"tuned-{recipe}-seed*.json"))
         runs = [json.loads(f.read_text()) for f in files]
         runs = [r for r in runs if all(f"plain@{s}" in r for s in TUNED_PLAIN)]
@@ -301,7 +321,7 @@ def main() -> None:
     ap.add_argument("--part", choices=("baselines", "train"), default=None)
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--recipe", choices=("curriculum", "flat"), default="curriculum")
+    ap.add_argument("--recipe", choices=RECIPES, default="curriculum")
     ap.add_argument("--from-run", default=None,
                     help="--part train: evaluate the controlnet.safetensors of a finished `qr-rl demo` run (its seed "
                          "and curriculum must match --seed and --recipe) instead of training")

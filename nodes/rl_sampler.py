@@ -279,6 +279,39 @@ def latent_feedback(model, qr_code, image: torch.Tensor, batch: int, lh: int, lw
     return LatentFeedback(fb, light.expand(batch, -1, -1), factors, getattr(lf, "latent_rgb_factors_bias", None))
 
 
+def latent_guidance(model, qr_code, image: torch.Tensor, batch: int, lh: int, lw: int, scale: float, margin: float,
+                    start: float):
+    """Scan guidance for this run (:mod:`rl.scan_guidance`): the settings, the code's module grid
+    (checked against the hint) and the decoder it steers, the model's linear latent→RGB preview."""
+    from ..rl.module_feedback import latent_rgb, light_grids, wrong_modules
+    from ..rl.scan_guidance import ScanGuidance
+
+    guidance = ScanGuidance(scale=float(scale), margin=float(margin), start=float(start))
+    if qr_code is None:
+        raise QRRLError("scan_guidance needs the code it should make readable: connect QR Code Encode's qr_code "
+                        "(the code of the hint) to this sampler, or set scan_guidance to 0")
+    if lh != lw or image.shape[1] != image.shape[2]:
+        raise QRRLError(f"scan guidance needs a square latent and the square hint of QR Code Encode, got latent "
+                        f"{lw * 8}x{lh * 8}, hint {image.shape[2]}x{image.shape[1]}")
+    light = light_grids([qr_code])
+    hint = image[:1, :, :, :3].movedim(-1, 1).float().cpu()
+    if float((wrong_modules(hint, light, 0.0, 1e-3) < 0.5).float().mean()) < 0.9:
+        raise QRRLError("qr_code does not match the hint image: connect hint and qr_code from the same QR Code Encode node")
+    lf = model.get_model_object("latent_format")
+    factors = getattr(lf, "latent_rgb_factors", None)
+    if factors is None or getattr(lf, "latent_rgb_factors_reshape", None) is not None:
+        raise QRRLError(f"scan guidance steers the picture through the model's latent→RGB preview colours, and this "
+                        f"model's latent format ({type(lf).__name__}) has none usable; set scan_guidance to 0")
+    factors = [list(map(float, row)) for row in factors]  # plain numbers: no inference tensor enters the graph
+    bias = getattr(lf, "latent_rgb_factors_bias", None)
+    bias = None if bias is None else [float(v) for v in bias]
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return latent_rgb(z, factors, bias, clamp=False)
+
+    return guidance, light.expand(batch, -1, -1), decode
+
+
 def luma_projection(model, channels: int):
     """Luma-only control for this model: the projection and what a shard records of it
     (:func:`rl.luma_control.latent_luma_projection`, through the model's preview colours)."""
@@ -372,6 +405,19 @@ class QRControlNetSamplerRL(io.ComfyNode):
                                  "latent→RGB preview colours), so the code's light/dark pattern is the "
                                  "ControlNet's and the colours stay the art's. Costs one more model call per step "
                                  "where the ControlNet runs. Recorded; the trainer (ddpo) replays it."),
+                io.Float.Input("scan_guidance", default=0.0, min=0.0, max=4.0, step=0.05, optional=True,
+                               tooltip="Scan guidance (needs qr_code): on the late steps, nudge each step's "
+                               "predicted image so that every module the preview still gets wrong moves past the "
+                               "light/dark midpoint by guidance_margin; modules already right are left alone. "
+                               "1 = the full step, 0 = off. No extra model calls. With record on, the shard holds "
+                               "the guided predictions: train it with --objective rwr (ddpo refuses it)."),
+                io.Float.Input("guidance_margin", default=0.05, min=0.0, max=0.49, step=0.005, optional=True,
+                               tooltip="Scan guidance: how far past the light/dark midpoint (luma, 0-1) each module "
+                               "is pushed."),
+                io.Float.Input("guidance_start", default=0.9, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Scan guidance: the first guided step, as a fraction of the run (0.9 of 10 "
+                               "steps = the last one). Earlier starts let the model redraw the nudge in its own "
+                               "style, and cost more art."),
                 io.String.Input("keyframes_per_sample", default="", multiline=True, optional=True,
                                 tooltip="One strength curve per image: one keyframes line per batch item, in the "
                                 "format of keyframes ('0:1.6, 0.4:1.2, 1:0.8'), inside the start/end window. "
@@ -391,7 +437,8 @@ class QRControlNetSamplerRL(io.ComfyNode):
                 keyframes: str, start_percent: float, end_percent: float, eta: float, s_noise: float, record: bool,
                 ckpt_name: str, control_net_name: str, prompt: str = "", negative_prompt: str = "", qr_code=None,
                 feedback_low: float = 0.8, feedback_high: float = 2.0, feedback_margin: float = 0.05,
-                feedback_ramp: float = 1.0, luma_control: bool = False,
+                feedback_ramp: float = 1.0, luma_control: bool = False, scan_guidance: float = 0.0,
+                guidance_margin: float = 0.05, guidance_start: float = 0.9,
                 keyframes_per_sample: str = "") -> io.NodeOutput:
         import comfy.model_management
         import comfy.sample
@@ -420,6 +467,11 @@ class QRControlNetSamplerRL(io.ComfyNode):
         if qr_code is not None:
             feedback = latent_feedback(model, qr_code, image, batch, lh, lw, feedback_low, feedback_high,
                                        feedback_margin, feedback_ramp)
+        guidance = guide_light = guide_decode = None
+        if scan_guidance > 0:
+            guidance, guide_light, guide_decode = latent_guidance(model, qr_code, image, batch, lh, lw, scan_guidance,
+                                                                  guidance_margin, guidance_start)
+        guided: list[tuple[int, float]] = []  # (step, mean margin loss left)
         luma = luma_meta = None
         if luma_control:
             luma, luma_meta = luma_projection(model, int(latent.shape[1]))
@@ -451,6 +503,11 @@ class QRControlNetSamplerRL(io.ComfyNode):
                         sigma_strength.enabled = True
                     denoised = art + luma(denoised - art)
                     luma_calls.append(k)
+                if guidance is not None and guidance.active(k, len(sigmas_in) - 1):
+                    from ..rl.scan_guidance import guide
+
+                    denoised, left = guide(denoised, guide_decode, guide_light, guidance)
+                    guided.append((k, float(left.mean())))
                 if feedback is not None:
                     feedback.observe(denoised, k, len(sigmas_in) - 1)  # the gain map for step k + 1
                 return denoised
@@ -514,6 +571,9 @@ class QRControlNetSamplerRL(io.ComfyNode):
                 meta["module_feedback"] = {"source": "latent_preview", **asdict(feedback.feedback)}
             if per_sample is not None:
                 meta["strength_schedules"] = [q.to_spec() for q in per_sample]
+            if guidance is not None:  # the recorded predictions are the guided ones (rl.scan_guidance)
+                meta["scan_guidance"] = {**guidance.to_meta(), "decoder": "latent_preview",
+                                         "steps": [k for k, _ in guided]}
             if luma_meta is not None:
                 meta["luma_control"] = luma_meta  # rl.luma_control.projection_from_meta rebuilds it
             traj = QRTrajectoryData(
@@ -531,6 +591,10 @@ class QRControlNetSamplerRL(io.ComfyNode):
             notes.append(f"luma control: the ControlNet's change kept in luma (latent preview colours); "
                          f"{len(luma_calls)} extra model calls (one per step where the ControlNet ran, "
                          f"{len(luma_calls)}/{len(sig_list) - 1} steps)")
+        if guidance is not None:
+            notes.append(f"scan guidance: scale {guidance.scale:g}, margin {guidance.margin:g}, guided steps "
+                         f"{[k for k, _ in guided]}; margin loss left per image after each: "
+                         + ", ".join(f"{v:.3g}" for _, v in guided) + " (no extra model calls)")
         if notes:
             report += "\n" + "\n".join(notes)
         return io.NodeOutput(out, traj, report, ui={"text": [report]})

@@ -68,6 +68,10 @@ class DemoConfig:
     mirrored: bool = True  # explore in pairs ±δ on one seed (PGPE symmetric sampling): the seed's luck cancels
     module_feedback: bool = True  # spatial strength from each step's prediction (rl.module_feedback)
     luma_control: bool = True  # the ControlNet changes only the luma of each prediction (rl.luma_control)
+    scan_guidance: bool = False  # nudge each late prediction toward a readable code (rl.scan_guidance)
+    guidance_scale: float = 1.0  # fraction of the Gauss-Newton step that puts wrong modules on the margin
+    guidance_margin: float = 0.05  # luma margin past the light/dark midpoint
+    guidance_start: float = 0.95  # guided steps: progress ≥ this (0.95 of 10 steps = the last one)
     learn_feedback: bool = False  # learn the two feedback gains too (docs/demo.md: on the toy they drifted the wrong way)
     feedback_low: float = 0.8  # gain on modules already right (the start, with learn_feedback)
     feedback_high: float = 2.0  # gain on modules still wrong (the start, with learn_feedback)
@@ -157,12 +161,23 @@ class DemoConfig:
              f"unknown --schedule-shape {self.schedule_shape!r}: use {', '.join(SHAPES)}")
         check_feedback(self.feedback_low, self.feedback_high, self.feedback_margin, self.feedback_softness,
                        self.feedback_ramp)
+        from .scan_guidance import check_guidance
+
+        check_guidance(self.guidance_scale, self.guidance_margin, self.guidance_start, 1.0, 1)
 
     @property
     def explores_in_pairs(self) -> bool:
         """Mirrored pairs need something to mirror: a learned curve (learned feedback gains, which
         exist only alongside it, are drawn in the same pairs)."""
         return self.mirrored and self.learn_schedule
+
+    def guidance(self):
+        """The :class:`rl.scan_guidance.ScanGuidance` of the sampler's tricks, or None when off."""
+        from .scan_guidance import ScanGuidance
+
+        if not self.scan_guidance:
+            return None
+        return ScanGuidance(scale=self.guidance_scale, margin=self.guidance_margin, start=self.guidance_start)
 
     def feedback(self):
         """The :class:`rl.module_feedback.ModuleFeedback` at the starting gains, or None when off."""
@@ -266,7 +281,7 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
                                               np.random.default_rng([cfg.seed, 3000 + r]),
                                               mirrored=cfg.explores_in_pairs)
     out = sample(model, prompts, codes, seeds, strengths, controlnet=controlnet, feedback=feedback,
-                 feedback_gains=gains, luma_control=cfg.luma_control)
+                 feedback_gains=gains, luma_control=cfg.luma_control, guidance=cfg.guidance())
     base = sample(model, prompts, None, seeds, 0.0, record=False).images
     scan = scan_reward(images_hwc_uint8(out.images), codes)
     art = model.art_reward(out.images, prompts, base, scorer)
@@ -296,6 +311,8 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
             "gains": (torch.tensor([feedback.gains()] * len(prompts)) if gains is None else gains).tolist()},
         # which luma-only control the sampler used (rl.luma_control): the trainer rebuilds it to replay
         "luma_control": projection_meta(world.LATENT_FACTOR) if cfg.luma_control else None,
+        # scan guidance edits the recorded predictions: rwr distils them, ddpo refuses them (rl.scan_guidance)
+        "scan_guidance": None if cfg.guidance() is None else cfg.guidance().to_meta(),
         "base_sha256": base_sha, "controlnet_sha256": file_sha256(controlnet_path),
         "curriculum_round": r, "policy_version": r,
     }
@@ -348,7 +365,7 @@ def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: 
 
 
 def _evaluate(model, controlnet, strength, cfg: DemoConfig, scorer, base_images, feedback=None,
-              luma_control: bool = False) -> dict[str, Any]:
+              luma_control: bool = False, guidance=None) -> dict[str, Any]:
     """The fixed evaluation set at ``strength``; both art judges (the trained-on CLIP similarity and
     the held-out structure similarity, rl.art_judge)."""
     from .art_judge import structure_similarity
@@ -356,7 +373,7 @@ def _evaluate(model, controlnet, strength, cfg: DemoConfig, scorer, base_images,
 
     seeds = list(range(50_000 + 1000 * cfg.seed, 50_000 + 1000 * cfg.seed + cfg.eval_samples))
     m = measure(model, strength, seeds, controlnet=controlnet, scorer=scorer, base_images=base_images,
-                feedback=feedback, luma_control=luma_control)
+                feedback=feedback, luma_control=luma_control, guidance=guidance)
     m["art_heldout"] = float(structure_similarity(m["images"], m["base_images"]).mean())
     return m
 
@@ -547,8 +564,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     # the tuned file as anyone gets it (a stock sampler at the demo strength), and with the sampler's tricks;
     # "tricks before" is the untrained sampler with the starting curve and gains
     plain_after = _evaluate(model, controlnet, low, cfg, scorer, base_images) if cfg.train_controlnet else before
-    tricks_before = _evaluate(model, None, low, cfg, scorer, base_images, cfg.feedback(), cfg.luma_control)
-    after = _evaluate(model, controlnet, after_strength, cfg, scorer, base_images, after_feedback, cfg.luma_control)
+    tricks_before = _evaluate(model, None, low, cfg, scorer, base_images, cfg.feedback(), cfg.luma_control,
+                              cfg.guidance())
+    after = _evaluate(model, controlnet, after_strength, cfg, scorer, base_images, after_feedback, cfg.luma_control,
+                      cfg.guidance())
     positions = None
     if schedule is not None:  # the node measures progress as 1 − timestep/999 (ComfyUI's percent)
         from .toy import sampling_schedule

@@ -140,7 +140,8 @@ def scale_residual(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return residual * scale.to(residual.dtype)
 
 
-def latent_rgb(latents: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def latent_rgb(latents: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor | None = None,
+               clamp: bool = True) -> torch.Tensor:
     """A latent ``[B,C,h,w]`` seen through a linear latent→RGB map (``factors`` ``[C,3]``, ``bias`` ``[3]``):
     images ``[B,3,h,w]`` in [0, 1], the way ComfyUI draws its fast previews.
 
@@ -154,7 +155,9 @@ def latent_rgb(latents: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor 
     rgb = torch.einsum("bchw,cd->bdhw", latents.float(), f.to(latents.device))
     if bias is not None:
         rgb = rgb + torch.as_tensor(bias, dtype=torch.float32, device=latents.device).view(1, 3, 1, 1)
-    return ((rgb + 1.0) / 2.0).clamp(0.0, 1.0)
+    rgb = (rgb + 1.0) / 2.0
+    # unclamped for scan guidance: a clamped pixel has no gradient, and latents often overshoot the preview's range
+    return rgb.clamp(0.0, 1.0) if clamp else rgb
 
 
 class LatentFeedback:

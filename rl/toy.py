@@ -383,6 +383,7 @@ def sample(
     feedback: Any = None,
     feedback_gains: torch.Tensor | None = None,
     luma_control: bool = False,
+    guidance: Any = None,
 ) -> SampleBatch:
     """Sample the toy model with the real sampler (``rl.sampling.sample_loop``, ``Policy.denoise``).
 
@@ -394,7 +395,9 @@ def sample(
     the second step on, the strength is multiplied per module by a map built from the previous
     step's prediction; ``feedback_gains`` ``[B,2]`` gives each sample its own (low, high).
     ``luma_control`` keeps only the luma of the ControlNet's change to each prediction
-    (:mod:`rl.luma_control`; one more UNet pass per step).
+    (:mod:`rl.luma_control`; one more UNet pass per step). ``guidance``
+    (:class:`rl.scan_guidance.ScanGuidance`) nudges each guided step's prediction toward a readable
+    code; the record then holds the guided predictions.
     """
     from .sampling import initial_noise, sample_loop
 
@@ -422,6 +425,11 @@ def sample(
     light = gains = None
     if feedback_gains is not None and feedback is None:
         raise QRRLError("feedback_gains needs feedback (a ModuleFeedback) to act on")
+    guide_light = None
+    if guidance is not None and codes is not None:
+        from .module_feedback import light_grids
+
+        guide_light = light_grids(codes)
     if feedback is not None and codes is not None:
         from .module_feedback import light_grids
 
@@ -453,6 +461,10 @@ def sample(
                 smap = strength_map(latents_to_images(prev[0]), light[sl], gains[sl, 0], gains[sl, 1],
                                     feedback.margin, feedback.softness, world.LATENT_SIZE, feedback.contrast(k, steps))
             d = policy.denoise(x, sigma, timesteps[k], c, u, h, st[:, k], cfg, strength_map=smap, hint_embedding=emb)
+            if guide_light is not None and guidance.active(k, steps):
+                from .scan_guidance import guide
+
+                d = guide(d, latents_to_images, guide_light[sl], guidance)[0]
             if light is not None:
                 prev[:] = [d]
                 maps.append(torch.ones(x.shape[0], 1, world.LATENT_SIZE, world.LATENT_SIZE) if smap is None
@@ -667,15 +679,16 @@ def eval_prompts_codes(n: int, offset: int = 0) -> tuple[list[str], list[Any], l
 
 def measure(model: ToyModel, strength: float | Sequence[float], seeds: Sequence[int], *, controlnet=None, scorer=None,
             base_images: torch.Tensor | None = None, offset: int = 0, feedback=None,
-            luma_control: bool = False) -> dict[str, Any]:
+            luma_control: bool = False, guidance=None) -> dict[str, Any]:
     """Decode rate, module accuracy, art similarity (clip_image vs the no-ControlNet sample) at ``strength``
-    (with ``feedback``, a :class:`rl.module_feedback.ModuleFeedback`, on top; ``luma_control`` as in :func:`sample`)."""
+    (with ``feedback``, a :class:`rl.module_feedback.ModuleFeedback`, on top; ``luma_control`` and
+    ``guidance`` as in :func:`sample`)."""
     from .scan import scan_reward
 
     n = len(seeds)
     prompts, codes, _ = eval_prompts_codes(n, offset)
     out = sample(model, prompts, codes, seeds, strength, controlnet=controlnet, record=False, feedback=feedback,
-                 luma_control=luma_control)
+                 luma_control=luma_control, guidance=guidance)
     scan = scan_reward(images_hwc_uint8(out.images), codes)
     scorer = scorer or model.clip_scorer()
     if base_images is None:

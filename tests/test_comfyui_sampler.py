@@ -353,3 +353,50 @@ def test_keyframes_per_sample_needs_one_line_per_image(comfy_server):
     _refusal(comfy_server, wf, "1 lines for a batch of 2")
     wf = tiny_collect(batch=1, seed=63, steps=2, keyframes_per_sample="0:1, 0.5")
     _refusal(comfy_server, wf, "keyframes_per_sample line 1")
+
+
+# ---- scan guidance: each late prediction nudged toward a readable code, through the preview colours
+
+
+def test_scan_guidance_off_is_todays_sampler_and_on_moves_the_wrong_modules(comfy_server):
+    qr = [node_id(tiny_collect(), "QR Payload"), 2]
+    unity = {"qr_code": qr, "feedback_low": 1.0, "feedback_high": 1.0}  # feedback off in effect: the plain sampler
+    plain, _ = _feedback_run(comfy_server, "sg_plain")
+    off, off_report = _feedback_run(comfy_server, "sg_off", scan_guidance=0.0, **unity)
+    on, report = _feedback_run(comfy_server, "sg_on", scan_guidance=1.0, guidance_margin=0.1, guidance_start=0.5,
+                               **unity)
+    assert np.array_equal(plain, off) and "scan guidance" not in off_report
+    assert "scan guidance: scale 1, margin 0.1, guided steps [2, 3]" in report, report
+    assert np.abs(plain - on).mean() > 0.1, "scan guidance changed nothing"
+
+
+def test_scan_guidance_is_recorded_for_rwr_to_distil(comfy_server, tiny_sd_files, tmp_path):
+    from rl.module_feedback import latent_rgb, light_grids
+    from rl.qr import QRCode
+    from rl.scan_guidance import margin_loss
+
+    wf = tiny_collect(batch=2, steps=4, seed=71, run_name="t-guided", feedback_low=1.0, feedback_high=1.0,
+                      scan_guidance=1.0, guidance_margin=0.1, guidance_start=0.9)
+    set_inputs(wf, "RL Sampler", qr_code=[node_id(wf, "QR Payload"), 2])
+    traj, _ = _run_shard(comfy_server, wf)
+    ref, _ = _run_shard(comfy_server, tiny_collect(batch=2, steps=4, seed=71, run_name="t-unguided"))
+    spec = traj.meta["scan_guidance"]
+    assert spec["decoder"] == "latent_preview" and spec["steps"] == [3] and spec["margin"] == 0.1
+    # steps before the window are today's; the guided prediction reads better through the preview than the plain one
+    assert torch.allclose(traj.denoised[:, :3], ref.denoised[:, :3], atol=1e-5)
+    light = light_grids([QRCode.from_metadata(traj.meta["qr"][0])] * 2)
+    loss = [float(margin_loss(latent_rgb(t.denoised[:, 3], SD15_RGB.float(), clamp=False), light, 0.1).mean()) for t in (ref, traj)]
+    assert loss[1] < 0.5 * loss[0], loss
+    from rl.train import TrainConfig, train
+
+    res = train(TrainConfig(trajectories=[str(traj.path)], checkpoint=tiny_sd_files.checkpoint,
+                            controlnet=tiny_sd_files.controlnet, out=tmp_path / "cn.safetensors",
+                            unet_config=tiny_sd_files.config_dir / "unet",
+                            controlnet_config=tiny_sd_files.config_dir / "controlnet", objective="rwr", epochs=1,
+                            cpu=True, progress=False), log=lambda m: None)
+    assert (tmp_path / "cn.safetensors").is_file() and res.metrics
+
+
+def test_scan_guidance_needs_the_code(comfy_server):
+    wf = tiny_collect(seed=72, steps=2, scan_guidance=1.0)
+    _refusal(comfy_server, wf, "scan_guidance needs the code it should make readable")
