@@ -405,6 +405,11 @@ class QRControlNetSamplerRL(io.ComfyNode):
                                  "latent→RGB preview colours), so the code's light/dark pattern is the "
                                  "ControlNet's and the colours stay the art's. Costs one more model call per step "
                                  "where the ControlNet runs. Recorded; the trainer (ddpo) replays it."),
+                io.String.Input("keyframes_per_sample", default="", multiline=True, optional=True,
+                                tooltip="One strength curve per image: one keyframes line per batch item, in the "
+                                "format of keyframes ('0:1.6, 0.4:1.2, 1:0.8'), inside the start/end window. "
+                                "Replaces curve/strength_start/strength_end/keyframes; recorded per sample. Empty: "
+                                "one curve for the whole batch."),
                 io.Float.Input("scan_guidance", default=0.0, min=0.0, max=4.0, step=0.05, optional=True,
                                tooltip="Scan guidance (needs qr_code): on the late steps, nudge each step's "
                                "predicted image so that every module the preview still gets wrong moves past the "
@@ -418,11 +423,6 @@ class QRControlNetSamplerRL(io.ComfyNode):
                                tooltip="Scan guidance: the first guided step, as a fraction of the run (0.9 of 10 "
                                "steps = the last one). Earlier starts let the model redraw the nudge in its own "
                                "style, and cost more art."),
-                io.String.Input("keyframes_per_sample", default="", multiline=True, optional=True,
-                                tooltip="One strength curve per image: one keyframes line per batch item, in the "
-                                "format of keyframes ('0:1.6, 0.4:1.2, 1:0.8'), inside the start/end window. "
-                                "Replaces curve/strength_start/strength_end/keyframes; recorded per sample. Empty: "
-                                "one curve for the whole batch."),
             ],
             outputs=[
                 io.Latent.Output("LATENT", tooltip="The sampled latents."),
@@ -437,9 +437,9 @@ class QRControlNetSamplerRL(io.ComfyNode):
                 keyframes: str, start_percent: float, end_percent: float, eta: float, s_noise: float, record: bool,
                 ckpt_name: str, control_net_name: str, prompt: str = "", negative_prompt: str = "", qr_code=None,
                 feedback_low: float = 0.8, feedback_high: float = 2.0, feedback_margin: float = 0.05,
-                feedback_ramp: float = 1.0, luma_control: bool = False, scan_guidance: float = 0.0,
-                guidance_margin: float = 0.05, guidance_start: float = 0.9,
-                keyframes_per_sample: str = "") -> io.NodeOutput:
+                feedback_ramp: float = 1.0, luma_control: bool = False, keyframes_per_sample: str = "",
+                scan_guidance: float = 0.0, guidance_margin: float = 0.05,
+                guidance_start: float = 0.9) -> io.NodeOutput:
         import comfy.model_management
         import comfy.sample
         import comfy.samplers

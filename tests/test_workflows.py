@@ -12,7 +12,7 @@ from comfy_helpers import load_api
 
 ROOT = Path(__file__).resolve().parents[1]
 UI_WORKFLOWS = [ROOT / "workflows" / name for name in ("qr_art_scheduled.json", "qr_art_feedback.json", "qr_art_luma.json",
-                                                         "qr_rl_collect.json")]
+                                                         "qr_art_guided.json", "qr_rl_collect.json")]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 API_TITLES = ["Prompt", "Negative", "QR Payload", "Latent", "RL Sampler", "ControlNet", "Checkpoint", "Recorder"]
 
@@ -103,3 +103,12 @@ def test_luma_workflow_turns_luma_control_on():
     assert names[-2:] == ["luma_control", "keyframes_per_sample"]
     assert node["widgets_values"][-2:] == [True, ""]
     assert any(i["name"] == "qr_code" and i["link"] is not None for i in node["inputs"])  # module feedback too
+
+
+def test_guided_workflow_turns_scan_guidance_on():
+    """qr_art_guided.json: the luma workflow with scan guidance on the last steps (the last three widgets)."""
+    node = next(n for n in _ui(ROOT / "workflows" / "qr_art_guided.json")["nodes"] if n["type"] == "QRControlNetSamplerRL")
+    names = [i["widget"]["name"] for i in node["inputs"] if "widget" in i]
+    assert names[-5:] == ["luma_control", "keyframes_per_sample", "scan_guidance", "guidance_margin", "guidance_start"]
+    assert node["widgets_values"][-5:] == [True, "", 1.0, 0.05, 0.9]
+    assert any(i["name"] == "qr_code" and i["link"] is not None for i in node["inputs"])  # guidance needs the code
