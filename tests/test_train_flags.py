@@ -64,7 +64,10 @@ def test_every_train_setting_has_one_flag_and_its_help_states_the_dataclass_defa
     fields = [f for f, _flag, _kw in train_cmd.OPTIONS]
     flags = [flag for _f, flag, _kw in train_cmd.OPTIONS]
     assert len(set(fields)) == len(fields) and len(set(flags)) == len(flags)
-    assert set(fields) | set(train_cmd.NO_FLAG) == {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unmapped = sorted(names - set(fields) - set(train_cmd.NO_FLAG))
+    assert not unmapped, f"TrainConfig fields {unmapped} need a flag in rl/commands/train.py OPTIONS (or NO_FLAG)"
+    assert set(fields) | set(train_cmd.NO_FLAG) <= names, "OPTIONS / NO_FLAG name fields TrainConfig lacks"
     assert not set(fields) & set(train_cmd.NO_FLAG)
     wrong = []
     for field, flag, kw in train_cmd.OPTIONS:
