@@ -114,9 +114,9 @@ def test_every_loop_setting_has_one_flag_and_its_help_states_the_dataclass_defau
     fields = [f for f, *_ in loop_cmd.OPTIONS]
     assert sorted(fields) == sorted(defaults) and len(set(fields)) == len(fields)
     wrong = []
-    for field, flag, kind, help_text in loop_cmd.OPTIONS:
-        if kind in ("bool", "nobool"):
-            assert defaults[field] is (kind == "nobool"), f"{flag}: the flag flips {field}={defaults[field]!r}"
+    for field, flag, kw in loop_cmd.OPTIONS:
+        if kw.get("action") in ("store_true", "store_false"):
+            assert defaults[field] is (kw["action"] == "store_false"), f"{flag}: the flag flips {field}"
             continue
-        wrong.append(_check_stated(flag, _stated_default(help_text), defaults[field]))
+        wrong.append(_check_stated(flag, _stated_default(kw["help"]), defaults[field]))
     assert [w for w in wrong if w] == []

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-#: (TrainConfig field, flag, argparse keywords). One entry per setting: its default is the
-#: dataclass's (flags not given are left out, so ``TrainConfig`` fills them in), and a help text's
-#: "(default …)" is checked against it (tests/test_train_flags.py). Fields without a flag are
-#: listed in ``NO_FLAG``.
-OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+from ._flags import Option, add_options, given
+
+#: (TrainConfig field, flag, argparse keywords), one row per setting (rl/commands/_flags.py);
+#: fields without a flag are listed in ``NO_FLAG``.
+OPTIONS: list[Option] = [
     ("trajectories", "--trajectories", dict(nargs="+", required=True, metavar="DIR",
      help="folders (searched recursively) or .safetensors shard files to train on")),
     ("checkpoint", "--checkpoint", dict(required=True,
@@ -95,8 +94,7 @@ def register(subparsers) -> None:
                     "log-probabilities. Trains LoRA (default) or the full ControlNet, exports a ControlNet ComfyUI loads. "
                     "Works offline (HF_HUB_OFFLINE=1); multi-GPU with `accelerate launch -m rl train ...`.",
     )
-    for field, flag, kw in OPTIONS:
-        p.add_argument(flag, dest=field, default=argparse.SUPPRESS, **kw)
+    add_options(p, OPTIONS)
     p.add_argument("--full", dest="mode", action="store_const", const="full", default=argparse.SUPPRESS,
                    help="same as --mode full")
     p.set_defaults(func=run)
@@ -106,7 +104,7 @@ def config_from_args(args: argparse.Namespace):
     """The ``TrainConfig`` of parsed flags: the given ones, the dataclass's defaults for the rest."""
     from ..train import TrainConfig
 
-    return TrainConfig(**{field: getattr(args, field) for field, _flag, _kw in OPTIONS if hasattr(args, field)})
+    return TrainConfig(**given(args, OPTIONS))
 
 
 def run(args: argparse.Namespace) -> int:
