@@ -120,3 +120,22 @@ def test_every_loop_setting_has_one_flag_and_its_help_states_the_dataclass_defau
             continue
         wrong.append(_check_stated(flag, _stated_default(kw["help"]), defaults[field]))
     assert [w for w in wrong if w] == []
+
+
+#: LoopConfig's trainer settings whose default is the loop's own, not TrainConfig's (and why).
+LOOP_OWN_DEFAULTS = {
+    "epochs": "each round trains on that round's shards only: 2 passes, not a whole run's 4",
+    "step_weighting": "configs/loop.toml documents std as the loop's default",
+}
+#: LoopConfig field → the TrainConfig field it is passed to, where the names differ.
+LOOP_TO_TRAIN = {"train_batch_size": "batch_size", "train_seed": "seed"}
+
+
+def test_the_loops_trainer_settings_default_to_the_trainers_unless_listed():
+    loop, train = _defaults(LoopConfig), _defaults(TrainConfig)
+    shared = {k: LOOP_TO_TRAIN.get(k, k) for k in loop if LOOP_TO_TRAIN.get(k, k) in train}
+    assert {"lr", "lora_rank", "clip_range", "epochs", "train_batch_size"} <= set(shared)
+    drift = {k: (loop[k], train[t]) for k, t in shared.items()
+             if k not in LOOP_OWN_DEFAULTS and None not in (loop[k], train[t]) and loop[k] != train[t]}
+    assert drift == {}, f"loop defaults drifted from the trainer's: {drift}"
+    assert all(loop[k] != train[shared[k]] for k in LOOP_OWN_DEFAULTS), "an override that no longer differs"
