@@ -256,3 +256,21 @@ def test_demo_config_file_documents_every_default(tmp_path):
         DemoConfig.toml_settings(mine)
     helptext = subprocess.run([sys.executable, "-m", "rl", "demo", "--help"], capture_output=True, text=True).stdout
     assert "--config" in helptext and "--feedback-low" not in helptext and len(helptext.splitlines()) < 50
+
+
+def test_scan_guidance_from_the_config_file_is_recorded_and_distilled(tmp_path):
+    """``scan_guidance = true`` in the demo's config: the rounds sample with it, the shards say so
+    (rl.scan_guidance: their predictions are the guided ones), and rwr trains on them."""
+    from rl.cli import main
+    from rl.trajectory import read_shard
+
+    cfg = tmp_path / "demo.toml"
+    cfg.write_text("scan_guidance = true\nguidance_margin = 0.06\n")
+    out = tmp_path / "guided"
+    assert main(["demo", "--quick", "--config", str(cfg), "--rounds", "1", "--hold-rounds", "1", "--eval-samples",
+                 "4", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    row = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
+    spec = read_shard(row["shard"]).meta["scan_guidance"]
+    assert spec["margin"] == 0.06 and spec["start"] == 0.95 and spec["scale"] == 1.0
+    assert summary["trained_controlnet"] and summary["objective"] == "rwr" and (out / "controlnet.safetensors").is_file()
