@@ -11,7 +11,7 @@ from the trainer's ``kl_coef`` in two ways: that KL is to the *round's* starting
 resets every round), while the anchor holds across rounds of a loop when it is given the
 pretrained file.
 
-Measured on the toy (docs/demo.md, open problems) it kept art but not the decode gain, so it
+Measured on the toy (docs/research-log.md, open problems) it kept art but not the decode gain, so it
 is off by default everywhere.
 
 Only for ``mode`` ``full`` or ``zero_convs``: a LoRA adapter is a separate low-rank update

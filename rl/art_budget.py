@@ -8,12 +8,12 @@ price λ ≥ 0 after each round by how far the round's mean art fell below the f
 falls back to 0 when it stays inside, so the policy spends exactly the budget. A per-sample
 hinge (:func:`rl.reward.floor_penalty`) instead punishes every sample whose own art happens to
 fall below the floor, and the spread between images is larger than the budget: steep enough to
-hold the mean, it also froze the strength curve (docs/demo.md).
+hold the mean, it also froze the strength curve (docs/research-log.md).
 
 Paired floors: the demo gives each sample the floor ``0.95 × the art of the pretrained
 ControlNet for the same prompt, payload and seed``. A round's mean art moves by ±0.03 with its
-random prompts alone, and a price chasing that noise swung the policy back and forth (seed 0,
-module feedback: price 0 → 38 → 22, round art 0.78–0.87); the paired gap cancels the prompts.
+random prompts alone, and a price chasing that noise swung the policy back and forth; the paired
+gap cancels the prompts.
 
 A proportional term (``kp``, PI control): the price is ``max(0, I + kp·gap)`` with the integral
 ``I ← max(0, I + lr·gap)``. Why: on the toy with ten per-step gains and a pure integral
@@ -88,7 +88,7 @@ class LevelBudget(ArtBudget):
 
     Why: a price that the policy has to learn to answer leaves two learned quantities chasing
     each other. On the toy, with the level and tilt learned by PGPE under a PI price, one seed's
-    round decode swung 47% → 97% → 23% within 16 rounds. The constraint is one number and the
+    round decode swung back and forth over the run. The constraint is one number and the
     level is the one knob that moves art most directly, so the level is set by the constraint:
     a damped Newton step ``Δ log-level = −gain · gap / (∂art/∂log-level)`` per round, with the
     round's paired gap. What the level cannot say is where else art is better spent; that is

@@ -61,7 +61,7 @@ class DemoConfig:
     lr: float = 1e-4  # AdamW, one optimizer carried across the rounds
     anchor_decay: float = 0.0  # per-step pull toward the pretrained ControlNet (rl.anchor)
     train_controlnet: bool = True  # fine-tune the ControlNet's weights on each round's shards (rl.train)
-    learn_schedule: bool = True  # learn the strength curve (rl.schedule_policy, docs/demo.md)
+    learn_schedule: bool = True  # learn the strength curve (rl.schedule_policy, docs/research-log.md)
     schedule_shape: str = "level_slope"  # what the curve learns: level_slope (2 numbers) | level | per_step (rl.schedule_policy)
     schedule_sigma: float = 0.2  # log-gain exploration per learned number
     schedule_lr: float = 2.0  # natural-gradient step of the schedule's mean log-gain
@@ -72,7 +72,7 @@ class DemoConfig:
     guidance_scale: float = 1.0  # fraction of the Gauss-Newton step that puts wrong modules on the margin
     guidance_margin: float = 0.05  # luma margin past the light/dark midpoint
     guidance_start: float = 0.95  # guided steps: progress ≥ this (0.95 of 10 steps = the last one)
-    learn_feedback: bool = False  # learn the two feedback gains too (docs/demo.md: on the toy they drifted the wrong way)
+    learn_feedback: bool = False  # learn the two feedback gains too (docs/research-log.md: on the toy they drifted the wrong way)
     feedback_low: float = 0.8  # gain on modules already right (the start, with learn_feedback)
     feedback_high: float = 2.0  # gain on modules still wrong (the start, with learn_feedback)
     feedback_margin: float = 0.05
@@ -260,7 +260,7 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
     against paired floors: ``cfg.art_floor`` × the art of the pretrained ControlNet at
     the round's ``strength`` for the same prompt, payload and seed: with a curriculum the budget
     follows it down, so a high-strength round is allowed the art that strength costs the
-    pretrained ControlNet (docs/demo.md, "The curriculum under an art budget").
+    pretrained ControlNet (docs/research-log.md, "The curriculum under an art budget").
     """
     from .convert import file_sha256
     from .reward import combine_rewards, floor_penalty

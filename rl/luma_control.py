@@ -1,6 +1,6 @@
 """Luma-only control: the ControlNet may change each step's prediction only in brightness.
 
-Why (measured on the toy, docs/demo.md "Luma-only control"): scanners read a QR code from
+Why (measured on the toy, docs/research-log.md "Luma-only control"): scanners read a QR code from
 luminance alone, but a QR ControlNet weaves the code in black and white, so it also pulls the
 art's colours toward grey, and the art reward sees colours. So every step predicts the clean
 image twice, with and without the ControlNet, and keeps only the luma of the difference:

@@ -1,6 +1,6 @@
 """Module feedback: a spatial ControlNet strength that pushes only the modules still wrong.
 
-Why this exists (measured on the toy, docs/demo.md "Module feedback"): a strength that is the
+Why this exists (measured on the toy, docs/research-log.md "Module feedback"): a strength that is the
 same everywhere pays art on every module, including the many the art already gets right. The
 minimal pixel edit that decodes (``bench/frontier.py``) only moves the wrong ones. The sampler
 knows which ones those are while it runs: every step predicts the clean image ``D``. So step
@@ -12,9 +12,9 @@ knows which ones those are while it runs: every step predicts the clean image ``
     map_m    = low + (high − low) · wrong_m
 
 ``low`` is the gain where a module is already on its side by ``margin``, ``high`` where it is
-not. At the demo strength 0.5 a hand-set (low 0.8, high 2) decodes 66% at art 0.845, where
-the uniform strength 0.6 decodes 53% at art 0.859 and 0.7 69% at 0.807. Low and high are
-two more numbers for :mod:`rl.schedule_policy` to learn per sample, next to the per-step curve.
+not. On the toy a hand-set (low 0.8, high 2) decodes more than a uniform strength that costs
+the same art (docs/research-log.md, "Module feedback"). Low and high are two more numbers for
+:mod:`rl.schedule_policy` to learn per sample, next to the per-step curve.
 
 The first step has no prediction yet and runs at gain 1. The map is on the module grid; it is
 resized to each residual's resolution by area averaging (:func:`scale_residual`).
@@ -22,10 +22,9 @@ resized to each residual's resolution by area averaging (:func:`scale_residual`)
 The contrast ``high − low`` ramps over the run: at progress ``p = k / (K − 1)`` it is scaled by
 ``(ramp + 1) · p^ramp`` (mean 1 over the run; ``ramp`` 0 is a constant contrast). Early
 predictions are blurry and most modules look wrong, so an early push lands everywhere and costs
-art; late the wrong modules are few and pinned down. Measured at strength 0.5 on the toy
-(seed-0 items): gains (0.8, 2) decode 67% at art 0.854 with a constant contrast and 86% at
-0.840 with ``ramp`` 1; a feedback on the running mean of wrongness (an integral term) did worse
-(62%).
+art; late the wrong modules are few and pinned down. On the toy the ramp decodes clearly more
+than a constant contrast at about the same art, and a feedback on the running mean of wrongness
+(an integral term) did worse (the numbers: docs/research-log.md, "Module feedback").
 """
 
 from __future__ import annotations

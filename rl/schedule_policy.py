@@ -1,9 +1,9 @@
 """A learned per-step ControlNet strength schedule, trained by policy gradient in parameter space.
 
-Why this exists (measured on the toy, docs/demo.md "Where the strength goes"): where in the
-denoising the ControlNet acts matters more than how hard. Raising the strength at the
-second-to-last of 10 steps alone decodes 39% at art 0.861. Raising it at every step costs the
-same art and decodes only 25%. DDPO cannot find that lever. Its score function
+Why this exists (measured on the toy, docs/research-log.md "Where the strength goes"): where in the
+denoising the ControlNet acts matters more than how hard: on the toy, raising the strength at
+the second-to-last of 10 steps alone decodes clearly more than raising it at every step for the
+same art. DDPO cannot find that lever. Its score function
 ``ε/std · ∂μ/∂θ`` learns from the step's own noise, and the late steps, where the code gets
 its sharp edges, have the smallest noise. So their credit drowns, and per-step gains trained
 that way moved the wrong way.
@@ -74,9 +74,8 @@ class SchedulePolicy:
 
         Why: the art budget is a primal-dual game, and the price and the policy circle each
         other. The last iterate stops wherever the circle happens to be; the average of the
-        iterates is what primal-dual methods converge to. On the toy benchmark (seeds 0 and 1)
-        the last round's curve and gains decoded 80% and 45%, the average of the last 4 of 16
-        rounds 75% and 66%, both inside the art budget.
+        iterates is what primal-dual methods converge to. On the toy benchmark the averaged
+        curve was the steadier result across seeds (docs/research-log.md).
         """
         if not log_gains:
             raise QRRLError("nothing to average: no earlier log-gains given")
@@ -117,7 +116,7 @@ class SchedulePolicy:
 
         ``mirrored`` draws the offsets in pairs ``+δ, −δ`` (samples 2i and 2i+1; ``n`` even):
         PGPE's symmetric sampling. Given the same seed, a pair differs only by its offset, so
-        what the seed does to the reward cancels in ``Σ A δ`` (why: docs/demo.md, "Mirrored pairs").
+        what the seed does to the reward cancels in ``Σ A δ`` (why: docs/research-log.md, "Mirrored pairs").
         """
         if mirrored:
             if n % 2:

@@ -325,11 +325,10 @@ class ToyModel:
 
         Why this high: with the art budget following the round's strength and the level held
         by it, the rounds up there teach the strength curve's *tilt* (more strength on the late
-        steps, where it buys decoding), which carries down to the demo strength. Measured
-        (bench/learning.py, 3 seeds): from 0.8, 89% decode against 85% flat at the same art;
-        from 0.6, the first calibrated strength where a third scan, a tie. (Before the art
+        steps, where it buys decoding), which carries down to the demo strength (bench/learning.py,
+        3 seeds: from 0.8 a few points over the flat run at the same art, from 0.6 a tie). (Before the art
         budget, DDPO on the weights learned to *weaken* the code where nearly every sample
-        scanned; docs/demo.md.)
+        scanned; docs/research-log.md.)
         """
         rows = sorted(self.info.get("calibration") or [], key=lambda row: row["strength"])
         for row in rows:
@@ -516,7 +515,7 @@ class PretrainConfig:
     sampling_steps: int = 10
     eta: float = 1.0
     cfg: float = 1.0
-    calibrate_samples: int = 128  # 32 put the demo strength's decode rate 10 points off (docs/demo.md)
+    calibrate_samples: int = 128  # 32 put the demo strength's decode rate 10 points off (docs/research-log.md)
     threads: int | None = None
 
 

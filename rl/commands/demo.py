@@ -56,10 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "prediction still gets wrong")
     p.add_argument("--learn-feedback", action="store_true", default=None,
                    help="also learn the two module-feedback gains by policy gradient (off by default: on the toy they "
-                        "drifted the wrong way, docs/demo.md)")
+                        "drifted the wrong way, docs/research-log.md)")
     p.add_argument("--no-luma-control", dest="luma_control", action="store_false", default=None,
                    help="let the ControlNet change the prediction's colours too (by default it changes only their "
-                        "luma: scanners read luminance, the art reward sees colour; docs/demo.md)")
+                        "luma: scanners read luminance, the art reward sees colour; docs/research-log.md)")
     p.add_argument("--feedback-low", type=float, default=None,
                    help="module feedback: strength gain on modules already right (default 0.8; the start with --learn-feedback)")
     p.add_argument("--feedback-high", type=float, default=None,
@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "progress p (default 1; 0 = the same push at every step)")
     p.add_argument("--schedule-shape", choices=("level_slope", "level", "per_step"), default=None,
                    help="what the strength curve learns: a level and a tilt (level_slope, the default), a level only, "
-                        "or each step's own gain (per_step: ten noisy numbers on the toy, docs/demo.md)")
+                        "or each step's own gain (per_step: ten noisy numbers on the toy, docs/research-log.md)")
     p.add_argument("--no-mirrored", dest="mirrored", action="store_false", default=None,
                    help="explore with independent draws instead of mirrored pairs (+δ and −δ on the same seed, "
                         "the default: the seed's luck cancels out of the policy gradient)")
