@@ -16,7 +16,7 @@ shared tiny UNet folder the driver wrote and measures, on one thread:
   with ``output_type="latent"`` (no VAE decode; the driver's side does not decode either).
 
 Prints one JSON line: ``units`` (samples·timesteps), ``seconds``, ``units_per_s``,
-``peak_rss_gb`` (this process's RSS high-water mark).
+``peak_rss_gb`` (this process's RSS high-water mark), ``versions`` (the peer's libraries).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main() -> None:
     else:
         from accelerate import Accelerator
 
-        acc = Accelerator(gradient_accumulation_steps=steps, cpu=True)
+        acc = Accelerator(gradient_accumulation_steps=steps)  # as the peer's train.py: no cpu flag (0.17 asserts on it)
         if a.what == "train_lora":
             from diffusers.loaders import AttnProcsLayers
             from diffusers.models.attention_processor import LoRAAttnProcessor
@@ -149,8 +149,14 @@ def main() -> None:
         secs = time.perf_counter() - t0
         units = a.groups * b * steps
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    import accelerate
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    versions = {m.__name__: m.__version__ for m in (diffusers, accelerate, transformers, huggingface_hub, torch)}
     print(json.dumps({"side": "ddpo-pytorch", "what": a.what, "units": units, "seconds": secs,
-                      "units_per_s": units / secs, "peak_rss_gb": rss}))
+                      "units_per_s": units / secs, "peak_rss_gb": rss, "versions": versions}))
 
 
 if __name__ == "__main__":

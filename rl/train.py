@@ -7,14 +7,18 @@ weighted toward the samples that worked), and ``ddpo``, PPO-clip on the steps' l
 Why offline: trajectories are sampled inside ComfyUI (any workflow, any sampler settings) and
 written as shards; this module only needs the base UNet, the ControlNet and the shards. It
 recomputes log π_old itself with the same denoiser (``rl.policy.Policy.denoise``) and the
-same step formulas (``rl.sampling``), so the recorded log-probs are only a drift check.
+same step formulas (``rl.sampling``), so the recorded log-probs are only a drift check -- unless
+the recording is verified to be this policy's own (``_old_pass``: same model files, recomputed
+predictions equal to the recorded ones on a spot check of every shard), when log π_old is
+computed from the recorded predictions and the no-grad pass over every unit is skipped.
 
 Recipe, per run (one curriculum round):
  1. read shards (bad ones skipped and named), refuse another base model unless allowed, drop
     samples with non-finite rewards (counted), refuse UNet patches we cannot reproduce;
  2. group-normalised advantages (``rl.ddpo.StatTracker``);
  3. ``ddpo``: a no-grad pass over every trainable unit (sample, step) with the *initial* policy:
-    log π_old (and D_old for the KL term) plus drift against the recording; ``rwr``: per-sample
+    log π_old (and D_old for the KL term) plus drift against the recording (``old_log_probs``:
+    ``"auto"`` takes D_old from the recording where a spot check proves it exact); ``rwr``: per-sample
     weights ``exp(A/β)`` (its targets are the recorded predictions, so it needs no such pass);
  4. per epoch: pick a random ``timestep_fraction`` of each sample's stochastic steps inside
     the ControlNet's active range (std > 0 and strength > 0), shuffle the units, micro-batches
@@ -115,6 +119,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    old_log_probs: str = "auto"  # ddpo π_old: "auto" (the recording where a spot check proves it exact) | "recompute"
     gradient_checkpointing: bool = False
     resume: bool = False
     allow_base_mismatch: bool = False
@@ -157,6 +162,8 @@ class TrainConfig:
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
         need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        need(self.old_log_probs in ("auto", "recompute"),
+             f"old_log_probs must be auto or recompute, got {self.old_log_probs!r}")
         need(self.mixed_precision in ("no", "bf16", "fp16"),
              f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         need(self.export_dtype in ("fp16", "bf16", "fp32"), f"export dtype must be fp16/bf16/fp32, got {self.export_dtype!r}")
@@ -205,6 +212,7 @@ class _Sample:
     bucket: tuple  # context shapes: samples in one micro-batch must share them
     strength_map: torch.Tensor | None = None  # [K,1,h,w]: module feedback's gain map per step
     hint_embedding: torch.Tensor | None = None  # the ControlNet's embedding of hint, when it is frozen
+    shard: int = 0  # index of its shard (the π_old spot check covers every shard)
 
 
 def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> tuple[list[_Sample], list, dict]:
@@ -222,9 +230,10 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
     dropped = 0
     unknown_base = 0
     other_cn = 0
+    same_models = bool(base_sha) and bool(controlnet_sha)  # every shard names this base and this ControlNet
     comps: dict[str, list[float]] = {}
     lumas: list = []
-    for traj in ds:
+    for shard_index, traj in enumerate(ds):
         meta = traj.meta
         check_model_patches(meta.get("model_patches") or [], traj.path)
         luma = meta.get("luma_control") or None  # rl.luma_control: the trainer must replay it too
@@ -247,6 +256,7 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
             )
         if meta.get("controlnet_sha256") not in (None, controlnet_sha):
             other_cn += 1
+        same_models = same_models and shard_base == base_sha and meta.get("controlnet_sha256") == controlnet_sha
         # per-step strength; a [B,K] shard (one schedule per sample) counts a step if any sample used it
         step_strength = traj.strength if traj.strength.ndim == 1 else traj.strength.amax(0)
         first = math.ceil(config.steps_from * traj.num_steps - 1e-9)
@@ -266,7 +276,7 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
                 x=s.x, log_prob=s.log_prob, denoised=s.denoised, sigma=s.sigma, timestep=s.timestep,
                 std=s.std, mean_coef=s.mean_coef, strength=s.strength, cond=s.cond, uncond=s.uncond,
                 hint=s.hint, cfg=float(meta["cfg"]), apply_to_uncond=bool(meta["apply_to_uncond"]),
-                reward=s.reward, active=active, bucket=bucket, strength_map=s.strength_map,
+                reward=s.reward, active=active, bucket=bucket, strength_map=s.strength_map, shard=shard_index,
             ))
             keys.append(group_key(s.prompt, s.payload, peak))
     if not samples:
@@ -275,7 +285,7 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
     info = {
         "shards": len(ds), "shards_skipped": len(ds.skipped), "skipped_files": [str(p) for p, _ in ds.skipped],
         "samples": len(samples), "dropped_nonfinite_reward": dropped, "shards_unknown_base": unknown_base,
-        "shards_other_controlnet": other_cn, "latent_shape": list(ds.latent_shape),
+        "shards_other_controlnet": other_cn, "shards_same_models": same_models, "latent_shape": list(ds.latent_shape),
         "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
         "luma_control": lumas[0] if lumas else None,
     }
@@ -319,6 +329,18 @@ def _batch(samples: list[_Sample], units: Sequence[tuple[int, int]], device) -> 
         "hint_embedding": None if ss[0].hint_embedding is None else torch.stack(
             [s.hint_embedding for s in ss]).to(device),
     }
+
+
+def _step_tensors(samples: list[_Sample], units: Sequence[tuple[int, int]], device) -> dict[str, torch.Tensor]:
+    """What ``_log_prob`` needs of units, with the recorded D (no hints, no contexts: no forward)."""
+    ss = [samples[n] for n, _ in units]
+    ks = [k for _, k in units]
+
+    def col(name: str, offset: int = 0) -> torch.Tensor:
+        return torch.stack([getattr(s, name)[k + offset] for s, k in zip(ss, ks)]).to(device, torch.float32)
+
+    return {"x": col("x"), "x_next": col("x", 1), "recorded_denoised": col("denoised"),
+            "std": col("std"), "mean_coef": col("mean_coef")}
 
 
 def _embed_hints(policy, samples: list[_Sample], device, accelerator=None, size: int = 16) -> None:
@@ -546,33 +568,108 @@ def _distill_gap(policy, samples: list[_Sample], units: list[tuple[int, int]], d
     return {"distill_rmse": float(torch.cat(errs).mean().sqrt()), "distill_scale": float(torch.cat(scale).mean().sqrt())}
 
 
-def _old_pass(config: TrainConfig, policy, samples: list[_Sample], units: list[tuple[int, int]], device,
-              accelerator, data: dict, say) -> tuple[dict, dict]:
-    """ddpo: log π_old (and the old means for the KL term) with the initial policy, plus the drift
-    of both against the recording."""
-    old_lp: dict[tuple[int, int], float] = {}
-    old_mean: dict[tuple[int, int], torch.Tensor] = {}
-    lp_drift, d_drift, d_scale = [], [], []
-    t0 = time.perf_counter()
+OLD_LOG_PROB_TOLERANCE = 1e-6  # |log π_old from the recording − recomputed| allowed on the spot check
+# |recorded D − recomputed D| / max(|D|, 1) allowed there: fp32 results move ~1e-6 with the batch's
+# composition (sampler batch vs trainer micro-batch); another model or setting moves them by far more
+DENOISED_TOLERANCE = 1e-5
+
+
+def _spot_check_units(samples: list[_Sample], units: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """At least one unit of every shard (a random sample and step), topped up to ``size`` units."""
+    rng = np.random.default_rng(0)
+    order = [units[i] for i in rng.permutation(len(units))]
+    picked: dict[int, tuple[int, int]] = {}
+    for u in order:
+        picked.setdefault(samples[u[0]].shard, u)
+    chosen = set(picked.values())
+    for u in order:
+        if len(chosen) >= size:
+            break
+        chosen.add(u)
+    return sorted(chosen)
+
+
+def _recompute(config: TrainConfig, policy, samples: list[_Sample], units: list[tuple[int, int]], device,
+               accelerator, on_batch) -> None:
+    """No-grad forward of the current policy over ``units``; ``on_batch(sub, b, D, log_prob, mean)``."""
+    size = 2 * config.batch_size
     with torch.no_grad():
-        for chunk in (units[i:i + 2 * config.batch_size] for i in range(0, len(units), 2 * config.batch_size)):
-            for sub in _micro_batches(samples, chunk, 2 * config.batch_size, np.random.default_rng(0)):
+        for chunk in (units[i:i + size] for i in range(0, len(units), size)):
+            for sub in _micro_batches(samples, chunk, size, np.random.default_rng(0)):
                 b = _batch(samples, sub, device)
                 with accelerator.autocast():
-                    d = policy(b["x"], b["sigma"], b["timestep"], b["cond"], b["uncond"], b["hint"],
-                               b["strength"], b["cfg"], strength_uncond=b["strength_uncond"],
-                               strength_map=b["strength_map"], hint_embedding=b.get("hint_embedding"))
+                    d = _denoise(policy, b)
                 lp, mean = _log_prob(b, d)
-                lp_drift.append((lp - b["recorded_log_prob"]).abs().cpu())
-                d_drift.append((d.float() - b["recorded_denoised"]).abs().flatten(1).max(1).values.cpu())
-                d_scale.append(b["recorded_denoised"].abs().flatten(1).max(1).values.cpu())
-                for j, u in enumerate(sub):
-                    old_lp[u] = float(lp[j])
-                    if config.kl_coef > 0:
-                        old_mean[u] = mean[j].detach().to("cpu", torch.float16 if device.type == "cuda" else torch.float32)
+                on_batch(sub, b, d, lp, mean)
+
+
+def _old_pass(config: TrainConfig, policy, samples: list[_Sample], units: list[tuple[int, int]], device,
+              accelerator, data: dict, say) -> tuple[dict, dict]:
+    """ddpo: log π_old (and the old means for the KL term) of the initial policy, plus the drift
+    of both against the recording.
+
+    Why two ways: π_old needs D of the initial policy at every unit, a no-grad forward over all
+    of them (about a sixth of a round's time). When the shards were sampled with this very policy
+    -- every shard names this base model and this ControlNet file, and training has not moved a
+    weight yet (LoRA starts at zero, the other modes from the file) -- the recorded predictions
+    *are* that D. ``old_log_probs="auto"`` then recomputes D only on a spot check (one unit of
+    every shard, at least one micro-batch) and, if log π_old from the recorded D is within
+    ``OLD_LOG_PROB_TOLERANCE`` of the recomputed one there (and D within ``DENOISED_TOLERANCE``),
+    computes log π_old and the old means for every unit from the recorded D with the trainer's
+    own formulas: no forward. Anything that makes the recording differ (another precision,
+    sampler, ComfyUI's model code, a replay setting) fails the check, and the full pass runs.
+    Drift diagnostics are then over the checked units.
+    """
+    old_lp: dict[tuple[int, int], float] = {}
+    old_mean: dict[tuple[int, int], torch.Tensor] = {}
+    mean_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    lp_drift: list[torch.Tensor] = []
+    d_drift: list[torch.Tensor] = []
+    d_scale: list[torch.Tensor] = []
+    rec_gap: list[torch.Tensor] = []  # |log π_old from the recorded D − recomputed|
+
+    def check(sub, b, d, lp, mean) -> None:
+        lp_drift.append((lp - b["recorded_log_prob"]).abs().cpu())
+        d_drift.append((d.float() - b["recorded_denoised"]).abs().flatten(1).max(1).values.cpu())
+        d_scale.append(b["recorded_denoised"].abs().flatten(1).max(1).values.cpu())
+        rec_gap.append((_log_prob(b, b["recorded_denoised"])[0] - lp).abs().cpu())
+
+    def keep(sub, lp, mean) -> None:
+        for j, u in enumerate(sub):
+            old_lp[u] = float(lp[j])
+            if config.kl_coef > 0:
+                old_mean[u] = mean[j].detach().to("cpu", mean_dtype)
+
+    t0 = time.perf_counter()
+    source = "recomputed"
+    if config.old_log_probs == "auto" and data.get("shards_same_models"):
+        checked = _spot_check_units(samples, units, 2 * config.batch_size)
+        _recompute(config, policy, samples, checked, device, accelerator, check)
+        gap = float(torch.cat(rec_gap).max())
+        d_rel = float((torch.cat(d_drift) / torch.cat(d_scale).clamp(min=1.0)).max())  # relative to max(|D|, 1)
+        if gap <= OLD_LOG_PROB_TOLERANCE and d_rel <= DENOISED_TOLERANCE:
+            source = "recorded"
+            data["old_log_prob_checked_units"] = len(checked)
+            data["old_log_prob_check_gap"] = gap
+            for i in range(0, len(units), 64):
+                sub = units[i:i + 64]
+                b = _step_tensors(samples, sub, device)
+                lp, mean = _log_prob(b, b["recorded_denoised"])
+                keep(sub, lp, mean)
+        else:
+            say(f"π_old: the recording is not this policy's on the spot check (log-prob gap {gap:.1e}, "
+                f"limit {OLD_LOG_PROB_TOLERANCE:g}; D {d_rel:.1e}, limit {DENOISED_TOLERANCE:g}); recomputing every unit")
+            for kept in (lp_drift, d_drift, d_scale, rec_gap):
+                kept.clear()
+    if source == "recomputed":
+        def both(sub, b, d, lp, mean) -> None:
+            check(sub, b, d, lp, mean)
+            keep(sub, lp, mean)
+
+        _recompute(config, policy, samples, units, device, accelerator, both)
     lp_drift_t, d_drift_t = torch.cat(lp_drift), torch.cat(d_drift)
     data.update({
-        "units": len(units), "old_pass_s": time.perf_counter() - t0,
+        "units": len(units), "old_pass_s": time.perf_counter() - t0, "old_log_probs": source,
         "logp_drift_mean_abs": float(lp_drift_t.mean()), "logp_drift_max_abs": float(lp_drift_t.max()),
         "denoised_drift_max_abs": float(d_drift_t.max()),
         "denoised_drift_max_rel": float((d_drift_t / torch.cat(d_scale).clamp(min=1e-6)).max()),
@@ -580,7 +677,8 @@ def _old_pass(config: TrainConfig, policy, samples: list[_Sample], units: list[t
     say(f"{data['samples']} samples from {data['shards']} shards ({data['shards_skipped']} skipped, "
         f"{data['dropped_nonfinite_reward']} NaN/inf rewards dropped), {len(units)} trainable steps; "
         f"reward {data['reward_mean']:.4f} ± {data['reward_std']:.4f}; log-prob drift vs recording "
-        f"mean {data['logp_drift_mean_abs']:.2e} max {data['logp_drift_max_abs']:.2e}")
+        f"mean {data['logp_drift_mean_abs']:.2e} max {data['logp_drift_max_abs']:.2e}; π_old {source}"
+        + (f" (spot check of {data['old_log_prob_checked_units']} units)" if source == "recorded" else ""))
     if data["logp_drift_max_abs"] > 1e-2:
         say("warning: recorded log-probs differ from recomputed ones by more than 1e-2: the shards were "
             "probably sampled with another model, ControlNet, sampler setting or precision")
