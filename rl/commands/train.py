@@ -59,6 +59,9 @@ OPTIONS: list[Option] = [
     ("max_grad_norm", "--max-grad-norm", dict(type=float, help="gradient-norm clip (default 1.0)")),
     ("mixed_precision", "--mixed-precision", dict(choices=("no", "bf16", "fp16"),
      help="autocast precision on GPU (default no; bf16 recommended on Ampere+)")),
+    ("old_log_probs", "--old-log-probs", dict(choices=("auto", "recompute"),
+     help="ddpo: π_old of each step; auto (default): the recorded predictions where a spot check proves "
+          "them this policy's, else recomputed; recompute: always recompute them (one extra forward pass)")),
     ("gradient_checkpointing", "--gradient-checkpointing", dict(action="store_true",
      help="trade ~30%% time for much less memory")),
     ("resume", "--resume", dict(action="store_true",
