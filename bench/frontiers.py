@@ -92,7 +92,7 @@ def evaluate(model, scorer, strength, n: int, controlnet=None, tricks: bool = Fa
 
 
 def _save(path: Path, data) -> None:
-    from rl.atomic import atomic_write_json
+    from rl.files import atomic_write_json
 
     atomic_write_json(path, data)
 
@@ -133,8 +133,8 @@ def part_baselines(args, model, scorer) -> None:
 
 
 def part_train(args, model, scorer) -> None:
-    from rl.convert import load_controlnet
     from rl.demo import DemoConfig, run_demo
+    from rl.weights import load_controlnet
 
     name = f"{args.recipe}-seed{args.seed}"
     out = Path(args.out) / f"tuned-{name}.json"
@@ -209,7 +209,7 @@ def report(args, model) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rl.atomic import atomic_write_text
+    from rl.files import atomic_write_text
 
     root = Path(args.out)
     base = json.loads((root / "baselines.json").read_text())
@@ -292,7 +292,7 @@ def report(args, model) -> None:
         lines.append(f"- {name}: " + "; ".join(pts))
     text = "\n".join(lines) + "\n"
     atomic_write_text(root / "frontiers.md", text)
-    from rl.atomic import atomic_write_json
+    from rl.files import atomic_write_json
 
     atomic_write_json(root / "frontiers.json", {"budgets": budgets, "table": table})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -37,8 +37,8 @@ def main() -> None:
     import torch
 
     from rl import toy_world as world
-    from rl.convert import file_sha256
     from rl.demo import DemoConfig, collect_round
+    from rl.files import sha256_file as file_sha256
     from rl.toy import ToyModel
     from rl.train import TrainConfig, objective_gradients
 

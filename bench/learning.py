@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rl.atomic import atomic_write_json, atomic_write_text
     from rl.demo import DemoConfig, run_demo
+    from rl.files import atomic_write_json, atomic_write_text
     from rl.toy import ToyModel, measure
 
     if args.threads:

@@ -35,7 +35,7 @@ def main() -> None:
     import torch
 
     from rl.sampling import batch_seeds, sample_loop
-    from rl.tiny_sd import build_tiny_unet
+    from rl.testing.tiny_sd import build_tiny_unet
 
     if args.threads:
         torch.set_num_threads(args.threads)

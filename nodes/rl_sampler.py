@@ -20,7 +20,7 @@ from comfy_api.latest import io
 
 from ..rl import __version__ as PACK_VERSION
 from ..rl.errors import QRRLError
-from ..rl.hashing import sha256_file
+from ..rl.files import sha256_file
 from ..rl.sampling import TrajectoryRecord, batch_seeds, sample_loop
 from ..rl.schedule import StrengthSchedule
 from ._common import CATEGORY, QRCodeType, TrajectoryType
@@ -599,8 +599,6 @@ class QRControlNetSamplerRL(io.ComfyNode):
             report += "\n" + "\n".join(notes)
         return io.NodeOutput(out, traj, report, ui={"text": [report]})
 
-
-NODES = [QRControlNetSamplerRL]
 
 
 def expected_strengths(schedule: StrengthSchedule, model_sampling, sigmas) -> list[float]:

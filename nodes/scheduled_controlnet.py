@@ -340,5 +340,3 @@ def _all_zero(schedule: StrengthSchedule) -> bool:
         return schedule.strength_start == 0
     return schedule.strength_start == 0 and schedule.strength_end == 0
 
-
-NODES = [QRScheduledControlNetApply]

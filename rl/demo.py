@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from . import toy_world as world
-from .atomic import atomic_write_text
 from .errors import QRRLError
+from .files import atomic_copy, atomic_write_text
 from .image_io import save_figure
 from .luma_control import projection_meta
 
@@ -262,7 +262,7 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
     follows it down, so a high-strength round is allowed the art that strength costs the
     pretrained ControlNet (docs/research-log.md, "The curriculum under an art budget").
     """
-    from .convert import file_sha256
+    from .files import sha256_file as file_sha256
     from .reward import combine_rewards, floor_penalty
     from .scan import scan_reward
     from .toy import images_hwc_uint8, sample
@@ -425,8 +425,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     cfg.validate()
     from tqdm.auto import tqdm
 
-    from .convert import file_sha256, load_controlnet
+    from .files import sha256_file as file_sha256
     from .toy import ToyModel, eval_prompts_codes, sample
+    from .weights import load_controlnet
 
     say = log or (lambda m: tqdm.write(f"qr-rl demo: {m}"))
     if cfg.threads:
@@ -547,8 +548,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     bar.close()
     final_cn = out / "controlnet.safetensors"
     if cfg.train_controlnet:  # never a copy of the untouched pretrained file that looks trained
-        shutil.copyfile(cn_path, final_cn.with_name(".controlnet.tmp"))
-        os.replace(final_cn.with_name(".controlnet.tmp"), final_cn)
+        atomic_copy(cn_path, final_cn)
     if not cfg.keep_shards:  # after the copy: the last round's ControlNet lives in rounds/
         shutil.rmtree(out / "rounds", ignore_errors=True)
 

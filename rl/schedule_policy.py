@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_write_text
 from .errors import QRRLError
+from .files import atomic_write_text
 
 
 @dataclass

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from . import toy_world as world
-from .atomic import atomic_write_json
 from .errors import QRRLError
+from .files import atomic_write_json
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "toy"
 FILES = {
@@ -141,7 +141,7 @@ class ToyTextEncoder(torch.nn.Module):
 
 
 def _models():
-    from .convert import ensure_model_imports
+    from .weights import ensure_model_imports
 
     ensure_model_imports()
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -215,7 +215,7 @@ class ToyModel:
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write the four safetensors files + configs + ``toy.json`` atomically (fp32)."""
-        from .train import atomic_save_safetensors
+        from .files import atomic_save_safetensors
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -235,7 +235,7 @@ class ToyModel:
         """Load a toy model folder (default: the weights shipped in ``rl/assets/toy``); no network."""
         from safetensors.torch import load_file
 
-        from .convert import load_controlnet, load_unet
+        from .weights import load_controlnet, load_unet
 
         folder = Path(folder) if folder is not None else ASSETS
         info_path = folder / CONFIG_FILE

@@ -11,9 +11,9 @@ import torch
 
 def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     from rl.cli import main
-    from rl.convert import load_controlnet
     from rl.toy import ToyModel
     from rl.trajectory import read_shard
+    from rl.weights import load_controlnet
 
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--learn-feedback"]) == 0
@@ -187,8 +187,8 @@ def test_the_art_budget_follows_the_curriculum_strength(tmp_path):
     """A curriculum round at a higher strength is allowed the art that strength costs the
     pretrained ControlNet on the same items: the paired floors are measured at the round's strength."""
     from rl.art_budget import LevelBudget
-    from rl.convert import file_sha256
     from rl.demo import DemoConfig, collect_round
+    from rl.files import sha256_file as file_sha256
     from rl.toy import ToyModel
 
     model = ToyModel.load()
