@@ -132,7 +132,7 @@ class LoopConfig:
     clip_range: float = 0.02
     timestep_fraction: float = 0.5
     steps_from: float = 0.0
-    step_weighting: str = "std"
+    step_weighting: str = "none"  # as the trainer: "std" put ~half the update on step 1 (docs/research-log.md)
     kl_coef: float = 0.0
     anchor_decay: float = 0.0  # per-step pull toward the loop's starting ControlNet (rl.anchor)
     mixed_precision: str = "no"

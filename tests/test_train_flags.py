@@ -125,7 +125,6 @@ def test_every_loop_setting_has_one_flag_and_its_help_states_the_dataclass_defau
 #: LoopConfig's trainer settings whose default is the loop's own, not TrainConfig's (and why).
 LOOP_OWN_DEFAULTS = {
     "epochs": "each round trains on that round's shards only: 2 passes, not a whole run's 4",
-    "step_weighting": "configs/loop.toml documents std as the loop's default",
 }
 #: LoopConfig field → the TrainConfig field it is passed to, where the names differ.
 LOOP_TO_TRAIN = {"train_batch_size": "batch_size", "train_seed": "seed"}

@@ -67,7 +67,7 @@ OPTIONS: list[Option] = [
      help="fraction of steps trained per sample (default 0.5)")),
     ("steps_from", "--steps-from", dict(type=float,
      help="train only steps from this fraction of the trajectory on (default 0: all)")),
-    ("step_weighting", "--step-weighting", dict(help="per-step loss weights: std (default) or none")),
+    ("step_weighting", "--step-weighting", dict(help="per-step loss weights: none (default) or std")),
     ("kl_coef", "--kl-coef", dict(type=float, help="KL penalty to the round's starting policy (default 0)")),
     ("anchor_decay", "--anchor-decay", dict(type=float,
      help="per-step pull of the trained weights toward the loop's starting ControlNet, 0-1 (default 0 = off)")),
