@@ -237,6 +237,10 @@ def _load_data(config: TrainConfig, base_sha: str, controlnet_sha: str, log) -> 
         meta = traj.meta
         check_model_patches(meta.get("model_patches") or [], traj.path)
         luma = meta.get("luma_control") or None  # rl.luma_control: the trainer must replay it too
+        if meta.get("scan_guidance") and config.objective == "ddpo":
+            raise QRRLError(f"{traj.path} was sampled with scan guidance, which edits each guided step's prediction "
+                            "depending on the sample itself: ddpo's log-probabilities cannot replay that. Train it with "
+                            "--objective rwr (which distils the guided predictions), or collect without scan guidance")
         if lumas and luma != lumas[0]:
             raise QRRLError(f"{traj.path} was sampled with luma control {luma!r}, an earlier shard with "
                             f"{lumas[0]!r}; train on shards from one sampler setting")

@@ -395,6 +395,11 @@ def test_scan_guidance_is_recorded_for_rwr_to_distil(comfy_server, tiny_sd_files
                             controlnet_config=tiny_sd_files.config_dir / "controlnet", objective="rwr", epochs=1,
                             cpu=True, progress=False), log=lambda m: None)
     assert (tmp_path / "cn.safetensors").is_file() and res.metrics
+    from rl.errors import QRRLError
+
+    with pytest.raises(QRRLError, match="scan guidance.*--objective rwr"):  # ddpo cannot replay the edit
+        replay(traj.path, tiny_sd_files, tmp_path / "ddpo")
+    assert not (tmp_path / "ddpo").exists()
 
 
 def test_scan_guidance_needs_the_code(comfy_server):
