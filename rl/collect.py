@@ -62,12 +62,16 @@ class Job:
     seeds: tuple[int, ...]
     strength: float
     controlnet: str = ""
+    #: one keyframes line per sample (its own strength curve, ``"0:1.6, 1:0.8"``), or () for ``strength``
+    keyframes: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
         """Stable id of what this job samples (same settings → same key → same shard name)."""
-        blob = json.dumps([self.round, self.prompt, self.payload, list(self.seeds), round(self.strength, 6),
-                           self.controlnet], ensure_ascii=False)
+        fields_ = [self.round, self.prompt, self.payload, list(self.seeds), round(self.strength, 6), self.controlnet]
+        if self.keyframes:  # only then: jobs without per-sample curves keep their keys
+            fields_.append(list(self.keyframes))
+        blob = json.dumps(fields_, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -105,6 +109,28 @@ def plan_jobs(prompts: Sequence[str], payloads: Sequence[str], seeds: int, seed_
                                 tuple(range(base + n, base + n + count)), float(strength), controlnet))
                 n += count
     return jobs
+
+
+def keyframes_line(positions: Sequence[float], strengths: Sequence[float]) -> str:
+    """One sample's curve as a keyframes line, digits enough to reproduce the strengths to ~1e-8."""
+    if len(positions) != len(strengths) or not positions:
+        raise QRRLError(f"need one strength per keyframe position: {len(strengths)} for {len(positions)}")
+    return ", ".join(f"{float(p):.10g}:{float(s):.10g}" for p, s in zip(positions, strengths))
+
+
+def keyframes_table(lines: Sequence[str], step_percents: Sequence[float]) -> list[list[float]]:
+    """Per-sample strength per step ``[B][K]`` from keyframes lines, as the RL sampler's
+    ``keyframes_per_sample`` applies them (linear between keyframes, at each step's percent)."""
+    from .schedule import StrengthSchedule, per_step_strengths
+
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            sched = StrengthSchedule(curve="keyframes", keyframes=line)
+        except QRRLError as e:
+            raise QRRLError(f"keyframes line {i + 1} ({line!r}): {e}") from None
+        out.append(per_step_strengths(sched, step_percents))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,6 +285,7 @@ def _entry(job: Job, path: Path, sha: str, samples: int, metrics: Mapping[str, f
         "key": job.key, "index": job.index, "path": rel, "sha256": sha, "prompt": job.prompt,
         "payload": job.payload, "seed": job.seeds[0], "seeds": list(job.seeds), "samples": samples,
         "strength": job.strength, "round": job.round, "controlnet": job.controlnet, "backend": backend,
+        "keyframes": list(job.keyframes) or None,
         "server": server, "prompt_id": prompt_id, "metrics": dict(metrics),
         "image": os.path.relpath(image, folder) if image else None,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -39,6 +39,8 @@ TITLE_CN_SAMPLER = "RL Sampler.control_net_name"
 TITLE_CKPT_LOADER = "Checkpoint.ckpt_name"
 TITLE_CKPT_SAMPLER = "RL Sampler.ckpt_name"
 TITLE_RUN = "Recorder.run_name"
+#: One keyframes line per batch item (an optional input: set even where the workflow leaves it out).
+TITLE_KEYFRAMES_PER_SAMPLE = "RL Sampler.keyframes_per_sample"
 
 
 
@@ -56,6 +58,19 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+
+
+def with_input(api_prompt: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of ``api_prompt`` with ``"Title.input"`` set, also where the node omits that
+    (optional) input: saved API workflows leave out optional inputs nobody filled in."""
+    import copy
+
+    from .comfy_client import find_node
+
+    out = copy.deepcopy(dict(api_prompt))
+    ref, name = key.rsplit(".", 1)
+    out[find_node(out, ref)].setdefault("inputs", {})[name] = value
+    return out
 
 
 class ComfyBackend:
@@ -114,7 +129,10 @@ class ComfyBackend:
         if self.checkpoint:
             values[TITLE_CKPT_LOADER] = values[TITLE_CKPT_SAMPLER] = self.checkpoint
         values.update(self.overrides)  # the user's --set wins
-        return self._apply(self.workflow, values)
+        workflow = self.workflow
+        if job.keyframes:  # each sample's own curve (the loop's learned schedule)
+            workflow = with_input(workflow, TITLE_KEYFRAMES_PER_SAMPLE, "\n".join(job.keyframes))
+        return self._apply(workflow, values)
 
     def check(self) -> None:
         """Every server is reachable and has every node type; the workflow records shards."""
@@ -196,6 +214,14 @@ class ComfyLoopBackend:
 
     def trainer_models(self) -> tuple[Path, str | None, str | None]:
         return self.checkpoint_path(), self.cfg.unet_config, self.cfg.controlnet_config
+
+    #: one job is one ComfyUI batch with one seed: its samples cannot share a seed, so no mirrored pairs
+    per_sample_seeds = False
+
+    def step_percents(self) -> None:
+        """Unknown here (ComfyUI's scheduler places the steps): the loop writes each curve as its
+        two ends, at progress 0 and 1, which the node interpolates linearly."""
+        return None
 
     def collector(self, rec: Mapping[str, Any], r: int, run_dir: Path) -> Backend:
         cfg = self.cfg

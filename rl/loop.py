@@ -45,7 +45,8 @@ STATE_VERSION = 1
 PHASES = ("collect", "train", "export", "done")
 #: Settings that must not change when a run folder is resumed (they define what was sampled).
 FROZEN_KEYS = ("name", "backend", "prompts", "payloads", "seeds", "seed_start", "batch", "curriculum",
-               "start_strength", "end_strength", "target_decode_rate", "curriculum_step", "curve", "end_ratio")
+               "start_strength", "end_strength", "target_decode_rate", "curriculum_step", "curve", "end_ratio",
+               "learn_schedule", "schedule_sigma")
 METRIC_COLUMNS = ("round", "strength", "decode_rate", "module_accuracy", "clip_text", "clip_image", "reward",
                   "samples", "controlnet", "exported")
 #: ``backend`` setting → "module:class" of its :class:`LoopBackend`, imported only when a run
@@ -107,6 +108,10 @@ class LoopConfig:
     negative: str | None = None
     curve: str = "constant"
     end_ratio: float = 1.0
+    # the learned strength curve (rl.schedule_policy, as the demo learns it)
+    learn_schedule: bool = False
+    schedule_sigma: float = 0.2  # log-gain exploration of the curve's level and tilt
+    schedule_lr: float = 2.0  # natural-gradient step of the curve's mean log-gain
     # where
     backend: str = "comfy"  # a key of BACKENDS: "comfy" | "local"
     servers: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8188"])
@@ -195,6 +200,13 @@ class LoopConfig:
         from .train import check_training_options
 
         check_training_options(self.mode, self.step_weighting, self.anchor_decay, self.steps_from)
+        if self.learn_schedule:
+            from .schedule_policy import check_schedule_options
+
+            check_schedule_options(self.schedule_sigma, self.schedule_lr)
+            if self.curve != "constant":
+                raise QRRLError(f"learn_schedule learns the strength curve itself: it needs curve = 'constant', "
+                                f"got {self.curve!r}")
 
     def curriculum_obj(self) -> Curriculum:
         return Curriculum(kind=self.curriculum, start=self.start_strength, end=self.end_strength, rounds=self.rounds,
@@ -392,6 +404,10 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None,
                 prev_path = state.rounds[r - 1]["exported"] if r > 0 else base_cn["path"]
                 state.rounds.append({"round": r, "phase": "collect", "strength": strength, "controlnet": prev,
                                      "controlnet_path": prev_path, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ")})
+                if cfg.learn_schedule:  # drawn once and kept: a resumed collect plans the very same jobs
+                    state.rounds[-1]["schedule_draw"] = draw_schedule(cfg, backend, run_dir, r, strength,
+                                                                      round_jobs(cfg, backend, state.rounds[-1], r,
+                                                                                 prompts, payloads))
                 state.data["round"] = r
                 state.save()
             rec = state.rounds[r]
@@ -402,6 +418,10 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None,
                 report = _collect_round(cfg, backend, rec, r, round_dir, prompts, payloads, run_dir)
                 rec["shards"] = [str(p) for p in _manifest_paths(round_dir)]
                 rec["metrics"] = _round_metrics(report.summary, rec["strength"])
+                if cfg.learn_schedule:
+                    rec["schedule"] = update_schedule(cfg, backend, rec, r, run_dir, round_jobs(
+                        cfg, backend, rec, r, prompts, payloads))
+                    say(f"round {r + 1}: strength curve gains {rec['schedule']['gains']}")
                 rec["phase"] = "train"
                 state.save()
                 say(f"round {r + 1}: {report.summary.get('samples')} samples, decode rate "
@@ -453,10 +473,129 @@ def _round_metrics(summary: Mapping[str, Any], strength: float) -> dict[str, Any
 
 def _collect_round(cfg: LoopConfig, backend: LoopBackend, rec: dict[str, Any], r: int, round_dir: Path,
                    prompts: list[str], payloads: list[str], run_dir: Path):
-    from .collect import collect, plan_jobs
+    from .collect import collect
 
-    jobs = plan_jobs(prompts, payloads, cfg.seeds, cfg.seed_start, r, rec["strength"], cfg.batch, rec["controlnet"])
+    jobs = round_jobs(cfg, backend, rec, r, prompts, payloads)
     return collect(jobs, backend.collector(rec, r, run_dir), round_dir, progress=cfg.progress)
+
+
+# --------------------------------------------------------------------------------------------
+# the learned strength curve (learn_schedule)
+
+
+def explores_in_pairs(cfg: LoopConfig, backend: LoopBackend) -> bool:
+    """Mirrored pairs (±δ on one seed, the demo's PGPE sampling) where the backend gives each
+    sample its own seed and every job holds whole pairs; else each sample draws on its own."""
+    return (cfg.learn_schedule and bool(getattr(backend, "per_sample_seeds", False)) and cfg.seeds % 2 == 0
+            and (not cfg.batch or cfg.batch % 2 == 0))
+
+
+def round_jobs(cfg: LoopConfig, backend: LoopBackend, rec: Mapping[str, Any], r: int,
+               prompts: Sequence[str], payloads: Sequence[str]) -> list[Any]:
+    """Round ``r``'s jobs; with ``learn_schedule``, each carries its samples' keyframes lines
+    (``rec["schedule_draw"]``, once drawn) and, mirrored, each seed twice in a row."""
+    from dataclasses import replace
+
+    from .collect import plan_jobs
+
+    if not explores_in_pairs(cfg, backend):
+        jobs = plan_jobs(prompts, payloads, cfg.seeds, cfg.seed_start, r, rec["strength"], cfg.batch,
+                         rec["controlnet"])
+    else:
+        half = plan_jobs(prompts, payloads, cfg.seeds // 2, cfg.seed_start, r, rec["strength"],
+                         cfg.batch // 2 if cfg.batch else None, rec["controlnet"])
+        jobs = [replace(j, seeds=tuple(s for s in j.seeds for _ in range(2))) for j in half]
+    draw = rec.get("schedule_draw")
+    if not draw:
+        return jobs
+    lines, out, n = draw["keyframes"], [], 0
+    if len(lines) != sum(len(j.seeds) for j in jobs):
+        raise QRRLError(f"round {r}: {len(lines)} drawn strength curves for {sum(len(j.seeds) for j in jobs)} "
+                        "samples; the run's sampling settings changed since it started")
+    for j in jobs:
+        out.append(replace(j, keyframes=tuple(lines[n:n + len(j.seeds)])))
+        n += len(j.seeds)
+    return out
+
+
+def _schedule_path(run_dir: Path, r: int) -> Path:
+    """The curve after round ``r``'s update (one file per round: redoing an update is idempotent)."""
+    return run_dir / "rounds" / f"r{r:03d}" / "schedule.json"
+
+
+def schedule_before(cfg: LoopConfig, backend: LoopBackend, run_dir: Path, r: int):
+    """The :class:`rl.schedule_policy.SchedulePolicy` round ``r`` draws around: the one round
+    ``r − 1`` saved, or a flat curve (level and tilt 0) at the start."""
+    from .schedule_policy import SchedulePolicy
+
+    percents = getattr(backend, "step_percents", lambda: None)()
+    steps = len(percents) if percents else max(2, int(cfg.steps or 2))
+    prev = _schedule_path(run_dir, r - 1)
+    if r > 0 and prev.is_file():
+        policy = SchedulePolicy.load(prev)
+        if policy.steps != steps or policy.shape != "level_slope":
+            raise QRRLError(f"{prev} holds a {policy.shape} curve of {policy.steps} steps; this run samples "
+                            f"{steps} steps: resume with the same --steps")
+        policy.lr = cfg.schedule_lr
+        return policy
+    return SchedulePolicy(steps, sigma=cfg.schedule_sigma, lr=cfg.schedule_lr, shape="level_slope")
+
+
+def draw_schedule(cfg: LoopConfig, backend: LoopBackend, run_dir: Path, r: int, strength: float,
+                  jobs: Sequence[Any]) -> dict[str, Any]:
+    """Each sample's curve around ``strength``: the offsets δ (what the update needs) and the
+    keyframes line the sampler follows: one keyframe per step at its ComfyUI percent where the
+    backend knows them (exact), else the curve's two ends at progress 0 and 1 (linear between)."""
+    import numpy as np
+
+    from .collect import keyframes_line
+
+    policy = schedule_before(cfg, backend, run_dir, r)
+    n = sum(len(j.seeds) for j in jobs)
+    strengths, delta = policy.draw(n, strength, np.random.default_rng([cfg.seed_start, 2000 + r]),
+                                   mirrored=explores_in_pairs(cfg, backend))
+    percents = getattr(backend, "step_percents", lambda: None)()
+    if percents:
+        lines = [keyframes_line(percents, row) for row in strengths.tolist()]
+    else:
+        lines = [keyframes_line([0.0, 1.0], [row[0], row[-1]]) for row in strengths.tolist()]
+    return {"delta": delta.tolist(), "keyframes": lines, "mirrored": explores_in_pairs(cfg, backend),
+            "log_gain": [float(v) for v in policy.log_gain]}
+
+
+def update_schedule(cfg: LoopConfig, backend: LoopBackend, rec: Mapping[str, Any], r: int, run_dir: Path,
+                    jobs: Sequence[Any]) -> dict[str, Any]:
+    """One PGPE step of the curve from round ``r``'s shards, as the demo takes it: rewards per
+    sample (matched to the drawn δ by job and batch index), advantages per (prompt, payload)."""
+    import torch
+
+    from .collect import Manifest
+    from .ddpo import compute_advantages, group_key
+    from .trajectory import read_shard
+
+    manifest = Manifest(run_dir / "rounds" / f"r{r:03d}" / "manifest.json")
+    by_key = {e["key"]: e for e in manifest.entries}
+    rewards: list[float] = []
+    keys: list[Any] = []
+    for job in jobs:
+        if job.key not in by_key:
+            raise QRRLError(f"round {r}: job {job.index} has no shard in {manifest.path}; run the loop again to collect it")
+        traj = read_shard(manifest.resolve(by_key[job.key]["path"]))
+        reward = torch.where(traj.reward_finite, traj.reward.float(), torch.tensor(float("nan")))
+        rewards.extend(reward.tolist())
+        keys.extend(group_key(job.prompt, job.payload, float(rec["strength"])) for _ in job.seeds)
+    delta = torch.tensor(rec["schedule_draw"]["delta"], dtype=torch.float32)
+    if delta.shape[0] != len(rewards):
+        raise QRRLError(f"round {r}: {delta.shape[0]} drawn curves for {len(rewards)} samples in the shards")
+    adv = compute_advantages(torch.tensor(rewards), keys, min_group_size=max(2, cfg.seeds))
+    policy = schedule_before(cfg, backend, run_dir, r)
+    stats = policy.update(delta, adv.values, adv.mask)
+    percents = getattr(backend, "step_percents", lambda: None)()
+    policy.save(_schedule_path(run_dir, r), base=float(rec["strength"]), positions=percents)
+    policy.save(run_dir / "schedule.json", base=float(rec["strength"]), positions=percents)
+    return stats | {"gains": [round(float(g), 4) for g in policy.gains()],
+                    "log_gain": [round(float(v), 6) for v in policy.log_gain], "used_samples": adv.num_used,
+                    "file": str(_schedule_path(run_dir, r))}
 
 
 def _train_round(cfg: LoopConfig, backend: LoopBackend, rec: dict[str, Any], r: int, round_dir: Path,

@@ -62,6 +62,25 @@ class LocalToyBackend:
     def check(self) -> None:
         """Nothing to reach: the model is loaded; prompts are checked per job."""
 
+    def step_percents(self) -> list[float]:
+        """Each sampling step's progress as ComfyUI measures it (``1 − timestep/999``)."""
+        from .toy import sampling_schedule
+
+        return [1.0 - float(t) / 999.0 for t in sampling_schedule(self.steps or self.model.steps)[1]]
+
+    def job_strengths(self, job: Job) -> tuple[float | list[list[float]], dict[str, Any] | None]:
+        """What the sampler takes for ``job`` and the shard's ``strength_schedule``: the job's
+        strength (constant curve), or with per-sample keyframes the ``[B][K]`` table they give
+        (read at each step's percent, as the RL sampler's ``keyframes_per_sample`` does)."""
+        from .collect import keyframes_table
+
+        if not job.keyframes:
+            return job.strength, {"curve": "constant", "strength_start": job.strength, "strength_end": job.strength,
+                                  "start_percent": 0.0, "end_percent": 1.0, "keyframes": [], "step_at": 0.5}
+        if len(job.keyframes) != len(job.seeds):
+            raise QRRLError(f"job {job.index}: {len(job.keyframes)} keyframes lines for {len(job.seeds)} samples")
+        return keyframes_table(job.keyframes, self.step_percents()), None
+
     def run(self, jobs: Sequence[Job], shards_dir: Path, on_done: Callable[[Job, JobResult], None],
             progress: Callable[[dict[str, Any]], None] | None = None) -> None:
         from .image_io import save_png
@@ -79,7 +98,8 @@ class LocalToyBackend:
             parse_prompt(job.prompt)
             n = len(job.seeds)
             code = toy_code(job.payload)
-            out = sample(self.model, [job.prompt] * n, [code] * n, list(job.seeds), job.strength,
+            strength, schedule = self.job_strengths(job)
+            out = sample(self.model, [job.prompt] * n, [code] * n, list(job.seeds), strength,
                          controlnet=self.controlnet_module, steps=self.steps)
             base = sample(self.model, [job.prompt] * n, None, list(job.seeds), 0.0, steps=self.steps,
                           record=False).images
@@ -87,13 +107,12 @@ class LocalToyBackend:
             art = self.model.art_reward(out.images, [job.prompt] * n, base, self._scorer)
             reward = combine_rewards([scan, art], [1.0, self.clip_weight])
             info = self.model.info
-            meta = {
+            per_sample = {"strength_schedules": [{"curve": "keyframes", "keyframes": line} for line in job.keyframes]}
+            meta = (per_sample if job.keyframes else {}) | {
                 "cfg": float(info["sampling"]["cfg"]), "scheduler": info["sampling"].get("scheduler", "simple-sd"),
                 "sampler": "qr_rl_toy", "prompts": [job.prompt] * n, "payloads": [job.payload] * n,
                 "qr": [{"payload": job.payload, "version": int(code.version), "ecc": str(code.ecc)}] * n,
-                "strength_schedule": {"curve": "constant", "strength_start": job.strength,
-                                      "strength_end": job.strength, "start_percent": 0.0, "end_percent": 1.0,
-                                      "keyframes": [], "step_at": 0.5},
+                "strength_schedule": schedule,
                 "base_sha256": base_sha, "controlnet_sha256": cn_sha, "curriculum_round": job.round,
                 "base_file": str(self.model.unet_path), "controlnet_file": str(self.controlnet_path),
             }
@@ -144,6 +163,18 @@ class ToyLoopBackend:
 
         folder = self._folder()
         return folder / FILES["unet"], folder / UNET_CONFIG_FILE, folder / CONTROLNET_CONFIG_FILE
+
+    #: each sample has its own seed, so a mirrored pair (±δ) can share one
+    per_sample_seeds = True
+
+    def step_percents(self) -> list[float]:
+        """Each sampling step's ComfyUI percent (the loop writes one keyframe per step)."""
+        import json
+
+        from .toy import CONFIG_FILE, sampling_schedule
+
+        steps = self.cfg.steps or int(json.loads((self._folder() / CONFIG_FILE).read_text())["sampling"]["steps"])
+        return [1.0 - float(t) / 999.0 for t in sampling_schedule(steps)[1]]
 
     def collector(self, rec: Mapping[str, Any], r: int, run_dir: Path) -> Backend:
         cfg = self.cfg

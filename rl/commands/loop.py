@@ -35,6 +35,13 @@ OPTIONS: list[Option] = [
      help="per-step strength curve inside a sample: constant (default), linear, cosine, exponential, step")),
     ("end_ratio", "--end-ratio", dict(type=float,
      help="with a non-constant --curve: end strength = round strength × this")),
+    ("learn_schedule", "--learn-schedule", dict(action="store_true",
+     help="learn the strength curve (level and tilt) as the demo does: each sample follows its own curve "
+          "around the round's strength (keyframes_per_sample)")),
+    ("schedule_sigma", "--schedule-sigma", dict(type=float,
+     help="--learn-schedule: log-gain exploration of the curve (default 0.2)")),
+    ("schedule_lr", "--schedule-lr", dict(type=float,
+     help="--learn-schedule: natural-gradient step of the curve's mean log-gain (default 2.0)")),
     ("backend", "--backend", dict(help="comfy (ComfyUI servers, default) or local (in-process toy model)")),
     ("servers", "--server", dict(action="append", help="ComfyUI URL (repeatable; default http://127.0.0.1:8188)")),
     ("per_server_concurrency", "--per-server-concurrency", dict(type=int,
