@@ -112,3 +112,32 @@ def test_linear_form_without_step_percents(tmp_path):
     for line, d in zip(draw["keyframes"], draw["delta"]):
         full = (policy.log_gain + policy.basis() @ torch.tensor(d)).exp()
         assert keyframes_table([line], [0.0, 1.0])[0] == pytest.approx([float(full[0]), float(full[-1])], abs=1e-6)
+
+
+@pytest.mark.comfyui
+def test_learned_curve_over_real_comfyui(comfy_server, tmp_path):
+    """One round over a real ComfyUI (tiny SD1.5, CPU): the RL sampler follows each sample's
+    line (its two ends, linear between, at the step's percent) and the curve updates."""
+    from comfy_helpers import CKPT, CONTROLNET
+    from test_comfy_client import TINY, tiny_workflow
+
+    run_dir = tmp_path / "run"
+    cfg = LoopConfig(backend="comfy", servers=[comfy_server.url], workflow=str(tiny_workflow(tmp_path)),
+                     run_dir=str(run_dir), name="sched", rounds=2, prompts=["a lighthouse"], payloads=["HELLO"],
+                     seeds=2, start_strength=1.4, end_strength=0.7, comfyui_dir=str(comfy_server.base_dir),
+                     checkpoint=CKPT, controlnet=CONTROLNET, set=list(TINY), job_timeout=300, progress=False,
+                     learn_schedule=True, schedule_sigma=0.3)
+    run_loop(cfg, log=lambda m: None, stop_after="collect")
+    rec = json.loads((run_dir / "state.json").read_text())["rounds"][0]
+    lines = rec["schedule_draw"]["keyframes"]
+    assert len(lines) == 2 and lines[0] != lines[1] and not rec["schedule_draw"]["mirrored"]
+    [entry] = json.loads((run_dir / "rounds" / "r000" / "manifest.json").read_text())["entries"]
+    traj = read_shard(run_dir / "rounds" / "r000" / entry["path"])
+    ends = torch.tensor(keyframes_table(lines, [0.0, 1.0]))  # each line: its curve's two ends
+    got = traj.strength.double()
+    assert got.shape == (2, 3)
+    assert torch.allclose(got[:, [0, -1]], ends.double(), atol=1e-5)  # first step at 0 %, last at 100 %
+    # the middle step: each sample on its own line, at one progress (ComfyUI's percent of that sigma)
+    implied = (got[:, 1] - ends[:, 0]) / (ends[:, 1] - ends[:, 0])
+    assert 0.0 < float(implied[0]) < 1.0 and float(implied[0]) == pytest.approx(float(implied[1]), abs=1e-4)
+    assert SchedulePolicy.load(run_dir / "rounds" / "r000" / "schedule.json").updates == 1
