@@ -24,8 +24,9 @@ Two objectives ship, chosen with ``qr-rl train --objective``:
 Why not the others the literature offers (measured on the toy, ``docs/research-log.md``): a
 ControlNet++-style reward gradient through a one-step prediction, with a differentiable module
 margin and a pixel term toward the no-ControlNet prediction, traded art for decoding far below
-the strength dial. A Diffusion-DPO preference objective needs same-seed pairs the loop does not
-record; it is not built.
+the strength dial. Diffusion-DPO on the demo's same-seed pairs (``bench/dpo_check.py``): on the
+recorded steps' log-probabilities it is noise, like ddpo; on the final images its update is one
+direction, "more ControlNet", whatever the labels say, and it lost decode at equal art. Not built.
 """
 
 from __future__ import annotations
