@@ -11,7 +11,9 @@ Run folder layout::
     <run_dir>/state.json            round, phase, per-round strengths/metrics/files (atomic)
     <run_dir>/.lock                 fcntl lock: one loop per run folder
     <run_dir>/config.json           the resolved settings of the first start
-    <run_dir>/rounds/r000/          manifest.json, shards/, samples/, train/ (rl.train run)
+    <run_dir>/rounds/r000/          manifest.json, shards/, samples/, train/ (rl.train run),
+                                    schedule.json (learn_schedule: the strength curve after this round)
+    <run_dir>/schedule.json         learn_schedule: the latest strength curve (keyframes for ComfyUI)
     <run_dir>/metrics.jsonl|csv     one row per finished round
     <run_dir>/report.png            curves + a grid of sample images, redrawn every round
 """
@@ -72,6 +74,10 @@ class LoopBackend(Protocol):
 
     def collector(self, rec: Mapping[str, Any], r: int, run_dir: Path) -> Backend:
         """The :class:`rl.collect.Backend` of round ``r`` (``rec``: its state, e.g. its ControlNet)."""
+
+    # learn_schedule reads two more (optional: a backend without them gets the defaults below):
+    #   per_sample_seeds: bool -- each sample of a job has its own seed (mirrored pairs possible); default False
+    #   step_percents() -> list[float] | None -- each step's ComfyUI percent, or None (unknown); default None
 
 
 def loop_backend(cfg: LoopConfig) -> LoopBackend:
@@ -560,7 +566,7 @@ def draw_schedule(cfg: LoopConfig, backend: LoopBackend, run_dir: Path, r: int, 
     else:
         lines = [keyframes_line([0.0, 1.0], [row[0], row[-1]]) for row in strengths.tolist()]
     return {"delta": delta.tolist(), "keyframes": lines, "mirrored": explores_in_pairs(cfg, backend),
-            "log_gain": [float(v) for v in policy.log_gain]}
+            "log_gain": [float(v) for v in policy.log_gain], "mean_strength": float(strengths.mean())}
 
 
 def update_schedule(cfg: LoopConfig, backend: LoopBackend, rec: Mapping[str, Any], r: int, run_dir: Path,
