@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DIAL = (0.4, 0.5, 0.6, 0.7)
-TRICKS = (0.3, 0.4, 0.5)
+TRICKS = (0.3, 0.4, 0.5, 0.6)
 TUNED_PLAIN = (0.4, 0.5, 0.6)
 TUNED_TRICKS = (0.3, 0.4, 0.5)
 GUIDED_PLAIN = (0.3, 0.4, 0.5)
