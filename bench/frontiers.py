@@ -46,8 +46,8 @@ DIAL = (0.4, 0.5, 0.6, 0.7)
 TRICKS = (0.3, 0.4, 0.5, 0.6)
 TUNED_PLAIN = (0.4, 0.5, 0.6)
 TUNED_TRICKS = (0.3, 0.4, 0.5)
-GUIDED_PLAIN = (0.3, 0.4, 0.5)
-GUIDED_TRICKS = (0.2, 0.3, 0.4)
+GUIDED_PLAIN = (0.2, 0.3, 0.4, 0.5)
+GUIDED_TRICKS = (0.1, 0.2, 0.3, 0.4)
 RECIPES = ("curriculum", "flat", "guided")
 BEST_OF = (2, 4)
 EVAL_SEED0 = 70_000
@@ -172,8 +172,11 @@ def part_train(args, model, scorer) -> None:
 
 
 def at_budget(points: list[dict], judge: str, budget: float, idx: np.ndarray | None = None) -> float:
-    """Decode rate where the frontier (points sorted by strength) crosses ``budget`` on ``judge``;
-    NaN when the whole frontier is above or below it (no crossing, no extrapolation)."""
+    """The best decode rate on the frontier (points joined in strength order, linearly) whose art on
+    ``judge`` is at least ``budget``; NaN when no point or segment reaches it (no extrapolation).
+
+    Why the best and not the first crossing: with scan guidance art is not monotone in strength (at a
+    low strength guidance has more modules to fix), so a sweep can cross the budget more than once."""
     xs, ys = [], []
     for p in sorted(points, key=lambda p: p["strength"]):
         a, d = np.asarray(p[judge]), np.asarray(p["decoded"])
@@ -181,17 +184,15 @@ def at_budget(points: list[dict], judge: str, budget: float, idx: np.ndarray | N
             a, d = a[idx], d[idx]
         xs.append(a.mean())
         ys.append(d.mean())
-    xs, ys = np.array(xs), np.array(ys)  # art falls as strength rises
-    if budget > xs.max():
-        return float("nan")
-    if budget < xs.min():
-        return float(ys[np.argmin(xs)])  # the frontier never spends the budget: its strongest point
-    for i in range(len(xs) - 1):
-        lo, hi = sorted((xs[i], xs[i + 1]))
-        if lo <= budget <= hi and hi > lo:
+    best = float("nan")
+    for i in range(len(xs)):
+        if xs[i] >= budget:
+            best = ys[i] if not np.isfinite(best) else max(best, ys[i])
+        if i + 1 < len(xs) and (xs[i] - budget) * (xs[i + 1] - budget) < 0:
             t = (budget - xs[i]) / (xs[i + 1] - xs[i])
-            return float(ys[i] + t * (ys[i + 1] - ys[i]))
-    return float(ys[np.argmin(np.abs(xs - budget))])
+            v = ys[i] + t * (ys[i + 1] - ys[i])
+            best = v if not np.isfinite(best) else max(best, v)
+    return float(best)
 
 
 def best_of(base: dict, draws: list[dict], n: int) -> dict:
