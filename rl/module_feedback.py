@@ -98,16 +98,21 @@ def module_luma(images: torch.Tensor, grid: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(luma, grid)[:, 0]
 
 
-def wrong_modules(images: torch.Tensor, light: torch.Tensor, margin: float, softness: float) -> torch.Tensor:
-    """Soft "this module is not yet on its side by ``margin``" in [0, 1], ``[B,N,N]``."""
-    lum = module_luma(images, light.shape[-1])
+def signed_margins(lum: torch.Tensor, light: torch.Tensor) -> torch.Tensor:
+    """How far each module's luma ``[B,N,N]`` is past the light/dark midpoint, toward its own side
+    (positive = readable). The midpoint is halfway between what the light and the dark modules look
+    like now (a median would sit on the light side whenever most modules are light, quiet zone
+    included); it is held fixed (detached), so a gradient moves modules, not the threshold."""
     lt = light.to(lum)
-    # threshold halfway between what the light and the dark modules look like now (a median would
-    # sit on the light side whenever most modules are light, quiet zone included)
     mean_light = (lum * lt).flatten(1).sum(1) / lt.flatten(1).sum(1).clamp_min(1.0)
     mean_dark = (lum * (1 - lt)).flatten(1).sum(1) / (1 - lt).flatten(1).sum(1).clamp_min(1.0)
-    thr = (0.5 * (mean_light + mean_dark)).view(-1, 1, 1)
-    signed = (lum - thr) * (2.0 * lt - 1.0)
+    thr = (0.5 * (mean_light + mean_dark)).detach().view(-1, 1, 1)
+    return (lum - thr) * (2.0 * lt - 1.0)
+
+
+def wrong_modules(images: torch.Tensor, light: torch.Tensor, margin: float, softness: float) -> torch.Tensor:
+    """Soft "this module is not yet on its side by ``margin``" in [0, 1], ``[B,N,N]``."""
+    signed = signed_margins(module_luma(images, light.shape[-1]), light)
     return torch.sigmoid((margin - signed) / softness)
 
 

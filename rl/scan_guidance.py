@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import QRRLError
-from .module_feedback import module_luma
+from .module_feedback import module_luma, signed_margins
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,7 @@ def margin_loss(images: torch.Tensor, light: torch.Tensor, margin: float) -> tor
     """``½ Σ_m relu(margin − signed_m)²`` per image ``[B]``: zero once every module is on its
     side of the light/dark midpoint by ``margin``. Differentiable in ``images`` ``[B,3,H,W]``;
     the midpoint is held fixed (detached) so the gradient moves wrong modules, not the threshold."""
-    lum = module_luma(images, light.shape[-1])
-    lt = light.to(lum)
-    mean_light = (lum * lt).flatten(1).sum(1) / lt.flatten(1).sum(1).clamp_min(1.0)
-    mean_dark = (lum * (1 - lt)).flatten(1).sum(1) / (1 - lt).flatten(1).sum(1).clamp_min(1.0)
-    thr = (0.5 * (mean_light + mean_dark)).detach().view(-1, 1, 1)
-    signed = (lum - thr) * (2.0 * lt - 1.0)
+    signed = signed_margins(module_luma(images, light.shape[-1]), light)
     return 0.5 * torch.relu(margin - signed).pow(2).flatten(1).sum(1)
 
 
@@ -117,11 +112,7 @@ def _newton_step(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
         grid = light.shape[-1]
         before, after = decode(z), decode(z + g)
         lum0, lum1 = module_luma(before, grid), module_luma(after, grid)
-        lt = light.to(lum0)
-        mean_light = (lum0 * lt).flatten(1).sum(1) / lt.flatten(1).sum(1).clamp_min(1.0)
-        mean_dark = (lum0 * (1 - lt)).flatten(1).sum(1) / (1 - lt).flatten(1).sum(1).clamp_min(1.0)
-        thr = (0.5 * (mean_light + mean_dark)).view(-1, 1, 1)
-        wrong = (guidance.margin - (lum0 - thr) * (2.0 * lt - 1.0)) > 0
+        wrong = (guidance.margin - signed_margins(lum0, light)) > 0
         curv = ((lum1 - lum0).pow(2) * wrong).flatten(1).sum(1)
         if guidance.keep > 0:
             d = coarse_picture(after, grid, guidance.block) - coarse_picture(before, grid, guidance.block)
