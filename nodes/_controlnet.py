@@ -349,57 +349,63 @@ def compute_sigmas(model, scheduler: str, steps: int, denoise: float) -> torch.T
 
 
 
-def latent_feedback(model, qr_code, image: torch.Tensor, batch: int, lh: int, lw: int, low: float, high: float,
-                    margin: float, ramp: float):
-    """Module feedback for this run: the code's module grid, checked against the hint, seen
-    through the model's latent preview factors (see :class:`rl.module_feedback.LatentFeedback`)."""
-    from ..rl.module_feedback import LatentFeedback, ModuleFeedback, light_grids, wrong_modules
+def preview_colours(model, what: str, off: str) -> tuple[list[list[float]], list[float] | None]:
+    """The model's linear latent→RGB preview (factors ``[C][3]``, bias or None) as plain numbers,
+    which module feedback, luma-only control and scan guidance read the latent through; refused,
+    naming ``what`` needs it and how to turn it ``off``, when the model has none usable."""
+    lf = model.get_model_object("latent_format")
+    factors = getattr(lf, "latent_rgb_factors", None)
+    if factors is None or getattr(lf, "latent_rgb_factors_reshape", None) is not None:
+        raise QRRLError(f"{what} reads the latent through the model's latent→RGB preview colours, and this model's "
+                        f"latent format ({type(lf).__name__}) has none usable; {off}")
+    bias = getattr(lf, "latent_rgb_factors_bias", None)
+    # plain numbers: no inference tensor of ComfyUI's enters a graph (scan guidance differentiates through them)
+    return [list(map(float, row)) for row in factors], None if bias is None else [float(v) for v in bias]
 
-    fb = ModuleFeedback(low=float(low), high=float(high), margin=float(margin), ramp=float(ramp))
+
+def code_grid(qr_code, image: torch.Tensor, lh: int, lw: int, what: str) -> torch.Tensor:
+    """The code's module grid ``[1,N,N]`` (1 = light), checked against the hint it must match and
+    the square latent it must fill."""
+    from ..rl.module_feedback import light_grids, wrong_modules
+
     if lh != lw:
-        raise QRRLError(f"module feedback needs a square latent (the QR code fills the image), got {lw * 8}x{lh * 8}")
+        raise QRRLError(f"{what} needs a square latent (the QR code fills the image), got {lw * 8}x{lh * 8}")
     if image.shape[1] != image.shape[2]:
-        raise QRRLError(f"module feedback needs the square hint of QR Code Encode, got {image.shape[2]}x{image.shape[1]}")
+        raise QRRLError(f"{what} needs the square hint of QR Code Encode, got {image.shape[2]}x{image.shape[1]}")
     light = light_grids([qr_code])
     hint = image[:1, :, :, :3].movedim(-1, 1).float().cpu()
     agree = float((wrong_modules(hint, light, 0.0, 1e-3) < 0.5).float().mean())
     if agree < 0.9:
         raise QRRLError(f"qr_code does not match the hint image (only {100 * agree:.0f}% of modules agree): connect "
                         "hint and qr_code from the same QR Code Encode node")
-    lf = model.get_model_object("latent_format")
-    factors = getattr(lf, "latent_rgb_factors", None)
-    if factors is None or getattr(lf, "latent_rgb_factors_reshape", None) is not None:
-        raise QRRLError(f"module feedback reads the latent through the model's preview colours, and this model's latent "
-                        f"format ({type(lf).__name__}) has none usable; disconnect qr_code")
-    return LatentFeedback(fb, light.expand(batch, -1, -1), factors, getattr(lf, "latent_rgb_factors_bias", None))
+    return light
+
+
+def latent_feedback(model, qr_code, image: torch.Tensor, batch: int, lh: int, lw: int, low: float, high: float,
+                    margin: float, ramp: float):
+    """Module feedback for this run: the code's module grid, checked against the hint, seen
+    through the model's latent preview factors (see :class:`rl.module_feedback.LatentFeedback`)."""
+    from ..rl.module_feedback import LatentFeedback, ModuleFeedback
+
+    fb = ModuleFeedback(low=float(low), high=float(high), margin=float(margin), ramp=float(ramp))
+    light = code_grid(qr_code, image, lh, lw, "module feedback")
+    factors, bias = preview_colours(model, "module feedback", "disconnect qr_code")
+    return LatentFeedback(fb, light.expand(batch, -1, -1), factors, bias)
 
 
 def latent_guidance(model, qr_code, image: torch.Tensor, batch: int, lh: int, lw: int, scale: float, margin: float,
                     start: float):
     """Scan guidance for this run (:mod:`rl.scan_guidance`): the settings, the code's module grid
     (checked against the hint) and the decoder it steers, the model's linear latent→RGB preview."""
-    from ..rl.module_feedback import latent_rgb, light_grids, wrong_modules
+    from ..rl.module_feedback import latent_rgb
     from ..rl.scan_guidance import ScanGuidance
 
     guidance = ScanGuidance(scale=float(scale), margin=float(margin), start=float(start))
     if qr_code is None:
         raise QRRLError("scan_guidance needs the code it should make readable: connect QR Code Encode's qr_code "
                         "(the code of the hint) to this sampler, or set scan_guidance to 0")
-    if lh != lw or image.shape[1] != image.shape[2]:
-        raise QRRLError(f"scan guidance needs a square latent and the square hint of QR Code Encode, got latent "
-                        f"{lw * 8}x{lh * 8}, hint {image.shape[2]}x{image.shape[1]}")
-    light = light_grids([qr_code])
-    hint = image[:1, :, :, :3].movedim(-1, 1).float().cpu()
-    if float((wrong_modules(hint, light, 0.0, 1e-3) < 0.5).float().mean()) < 0.9:
-        raise QRRLError("qr_code does not match the hint image: connect hint and qr_code from the same QR Code Encode node")
-    lf = model.get_model_object("latent_format")
-    factors = getattr(lf, "latent_rgb_factors", None)
-    if factors is None or getattr(lf, "latent_rgb_factors_reshape", None) is not None:
-        raise QRRLError(f"scan guidance steers the picture through the model's latent→RGB preview colours, and this "
-                        f"model's latent format ({type(lf).__name__}) has none usable; set scan_guidance to 0")
-    factors = [list(map(float, row)) for row in factors]  # plain numbers: no inference tensor enters the graph
-    bias = getattr(lf, "latent_rgb_factors_bias", None)
-    bias = None if bias is None else [float(v) for v in bias]
+    light = code_grid(qr_code, image, lh, lw, "scan guidance")
+    factors, bias = preview_colours(model, "scan guidance", "set scan_guidance to 0")
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         return latent_rgb(z, factors, bias, clamp=False)
@@ -412,18 +418,11 @@ def luma_projection(model, channels: int):
     (:func:`rl.luma_control.latent_luma_projection`, through the model's preview colours)."""
     from ..rl.luma_control import latent_luma_projection, latent_projection_meta
 
-    lf = model.get_model_object("latent_format")
-    factors = getattr(lf, "latent_rgb_factors", None)
-    if factors is None or getattr(lf, "latent_rgb_factors_reshape", None) is not None:
-        raise QRRLError(f"luma_control keeps the ControlNet's change in luma through the model's latent→RGB "
-                        f"preview colours, and this model's latent format ({type(lf).__name__}) has none usable; "
-                        "switch luma_control off")
+    factors, bias = preview_colours(model, "luma_control", "switch luma_control off")
     if len(factors) != channels:
         raise QRRLError(f"luma_control: the model's latent→RGB factors have {len(factors)} channels, the latent "
                         f"{channels}; switch luma_control off")
-    bias = getattr(lf, "latent_rgb_factors_bias", None)
     return latent_luma_projection(factors, bias), latent_projection_meta(factors, bias)
-
 
 
 class TrickSampler:

@@ -45,15 +45,13 @@ class ScanGuidance:
     ``iterations`` per step."""
 
     scale: float = 1.0
-    margin: float = 0.08
-    start: float = 0.5
+    margin: float = 0.05
+    start: float = 0.9  # the last steps: guiding earlier cost more art for the same decode on the toy
     end: float = 1.0
     iterations: int = 2
-    keep: float = 0.0
-    block: int = 3
 
     def __post_init__(self) -> None:
-        check_guidance(self.scale, self.margin, self.start, self.end, self.iterations, self.keep, self.block)
+        check_guidance(self.scale, self.margin, self.start, self.end, self.iterations)
 
     def active(self, k: int, steps: int) -> bool:
         """Whether step ``k`` of ``steps`` is guided: its progress ``k / (steps − 1)`` is in the window."""
@@ -64,10 +62,9 @@ class ScanGuidance:
         return {k: float(v) for k, v in asdict(self).items()}
 
 
-def check_guidance(scale: float, margin: float, start: float, end: float, iterations: int, keep: float = 0.0,
-                   block: int = 3) -> None:
-    """Refuse settings that cannot work (shared by the dataclass, the CLI and the node)."""
-    for name, v in (("scale", scale), ("margin", margin), ("start", start), ("end", end), ("keep", keep)):
+def check_guidance(scale: float, margin: float, start: float, end: float, iterations: int) -> None:
+    """Refuse settings that cannot work (shared by the dataclass, the demo's config and the node)."""
+    for name, v in (("scale", scale), ("margin", margin), ("start", start), ("end", end)):
         if not math.isfinite(v):
             raise QRRLError(f"scan guidance {name} must be a finite number, got {v}")
     if not 0 <= scale <= 4:
@@ -77,10 +74,6 @@ def check_guidance(scale: float, margin: float, start: float, end: float, iterat
     if not 0 <= start <= end <= 1:
         raise QRRLError(f"scan guidance window must satisfy 0 <= start <= end <= 1 (fractions of the steps), "
                         f"got start {start}, end {end}")
-    if not 0 <= keep <= 100:
-        raise QRRLError(f"scan guidance keep weighs the coarse picture against the modules, in [0, 100], got {keep}")
-    if int(block) != block or not 1 <= block <= 16:
-        raise QRRLError(f"scan guidance block is the coarse picture's cell in modules, a whole number in [1, 16], got {block}")
     if int(iterations) != iterations or not 1 <= iterations <= 16:
         raise QRRLError(f"scan guidance iterations must be a whole number in [1, 16], got {iterations}")
 
@@ -91,15 +84,6 @@ def margin_loss(images: torch.Tensor, light: torch.Tensor, margin: float) -> tor
     the midpoint is held fixed (detached) so the gradient moves wrong modules, not the threshold."""
     signed = signed_margins(module_luma(images, light.shape[-1]), light)
     return 0.5 * torch.relu(margin - signed).pow(2).flatten(1).sum(1)
-
-
-def coarse_picture(images: torch.Tensor, grid: int, block: int) -> torch.Tensor:
-    """The picture seen from afar: the mean colour of every ``block``×``block``-module cell.
-
-    Why this is the art to keep: a scanner reads each module's own luma, while a viewer sees the
-    picture at a coarser scale. An edit that lightens one module of a block and darkens another
-    leaves this coarse picture as it was, so scan guidance with ``keep`` > 0 prefers it."""
-    return torch.nn.functional.adaptive_avg_pool2d(images.float(), max(1, round(grid / block)))
 
 
 def _newton_step(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, g: torch.Tensor,
@@ -114,9 +98,6 @@ def _newton_step(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
         lum0, lum1 = module_luma(before, grid), module_luma(after, grid)
         wrong = (guidance.margin - signed_margins(lum0, light)) > 0
         curv = ((lum1 - lum0).pow(2) * wrong).flatten(1).sum(1)
-        if guidance.keep > 0:
-            d = coarse_picture(after, grid, guidance.block) - coarse_picture(before, grid, guidance.block)
-            curv = curv + guidance.keep * d.pow(2).flatten(1).sum(1)
         norm = g.pow(2).flatten(1).sum(1)
         if not (torch.isfinite(curv).all() and torch.isfinite(norm).all()):
             raise QRRLError(f"scan guidance made the latent non-finite (scale {guidance.scale}): the decoder's "
@@ -140,22 +121,17 @@ def guide(denoised: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor]
         raise QRRLError(f"scan guidance needs a square latent (the QR code fills it), got "
                         f"{denoised.shape[-1]}x{denoised.shape[-2]}")
     # ComfyUI runs nodes under inference mode, whose tensors cannot enter a graph: work on copies
-    grid = light.shape[-1]
     with torch.inference_mode(False), torch.enable_grad():
         z = denoised.detach().float().clone()
         if not torch.isfinite(z).all():
             raise QRRLError("the prediction is already non-finite (NaN/inf) before scan guidance: the model or an "
                             "earlier setting diverged")
         light = light.detach().to(z.device).clone()
-        coarse0 = coarse_picture(decode(z), grid, guidance.block).detach() if guidance.keep > 0 else None
         for it in range(int(guidance.iterations)):
             zg = z.clone().requires_grad_(True)
             images = decode(zg)
             per_image = margin_loss(images, light, guidance.margin)
-            total = per_image.sum()
-            if coarse0 is not None:
-                total = total + guidance.keep * 0.5 * (coarse_picture(images, grid, guidance.block) - coarse0).pow(2).sum()
-            (g,) = torch.autograd.grad(total, zg)
+            (g,) = torch.autograd.grad(per_image.sum(), zg)
             alpha = _newton_step(decode, z, g, light, guidance)
             if it == 0 and bool(((per_image.detach() > 1e-6) & (alpha.flatten() == 0)).any()):
                 raise QRRLError("scan guidance: the decoder does not respond to the latent (zero gradient); "
