@@ -92,7 +92,7 @@ def write_models(folder: Path) -> None:
 def ours(model_dir: Path, what: str, mode: str, scope: str, batch: int, steps: int, cfg: float,
          groups: int) -> dict:
     """Our side of one configuration, in this process (the driver runs it as a subprocess)."""
-    from rl.convert import ensure_model_imports
+    from rl.weights import ensure_model_imports
 
     ensure_model_imports()
     from accelerate import Accelerator
@@ -204,7 +204,7 @@ def breakdown(model_dir: Path, reps: int = 5) -> list[str]:
     Why: the ratios above compare different work. The peer's update is one UNet forward and
     backward; ours adds the ControlNet's forward (and backward) and still needs the UNet's
     backward, through the decoder, to reach the residuals it adds. This splits the cost."""
-    from rl.convert import ensure_model_imports
+    from rl.weights import ensure_model_imports
 
     ensure_model_imports()
     from diffusers import ControlNetModel, UNet2DConditionModel

@@ -59,8 +59,8 @@ X0_WEIGHTING = "d"  # dpo-x0's error: "d" (‖D − x0‖², every noise level a
 
 def collect(model, out: Path, rounds: int, pair_source: str, say) -> Path:
     """Demo-style rounds with mirrored pairs (same seed, curve or feedback gains ±δ), once."""
-    from rl.convert import file_sha256
     from rl.demo import DemoConfig, collect_round
+    from rl.files import sha256_file
     from rl.schedule_policy import SchedulePolicy
 
     shards = out / f"shards-{pair_source}"
@@ -68,7 +68,7 @@ def collect(model, out: Path, rounds: int, pair_source: str, say) -> Path:
         return shards
     cfg = DemoConfig(out=out, learn_schedule=True, mirrored=True, train_controlnet=True,
                      learn_feedback=pair_source == "gains")
-    scorer, sha = model.clip_scorer(), file_sha256(model.unet_path)
+    scorer, sha = model.clip_scorer(), sha256_file(model.unet_path)
     t0 = time.perf_counter()
     for r in range(rounds):
         if pair_source == "curve":

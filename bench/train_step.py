@@ -29,7 +29,7 @@ from rl.sampling import gaussian_log_prob, step_mean  # noqa: E402
 
 
 def sd15_models():
-    from rl.convert import SD15_CONTROLNET_CONFIG, SD15_UNET_CONFIG, ensure_model_imports, load_config
+    from rl.weights import SD15_CONTROLNET_CONFIG, SD15_UNET_CONFIG, ensure_model_imports, load_config
 
     ensure_model_imports()
     from diffusers import ControlNetModel, UNet2DConditionModel

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .convert import ensure_model_imports, file_sha256, load_controlnet, load_unet
 from .errors import QRRLError
+from .files import sha256_file
+from .weights import ensure_model_imports, load_controlnet, load_unet
 
 #: Attention and feed-forward layers of the transformer blocks that get LoRA (linears; proj_in/out
 #: may be 1×1 convolutions).
@@ -418,7 +419,7 @@ def load_policy(
     folder of a non-standard model (e.g. the tiny test models). A file of the wrong
     architecture raises ``QRRLError`` naming what was expected and what was found.
     """
-    from .convert import SD15_CONTROLNET_CONFIG, load_config
+    from .weights import SD15_CONTROLNET_CONFIG, load_config
 
     unet = load_unet(checkpoint, unet_config)
     cn_cfg = load_config(controlnet_config, SD15_CONTROLNET_CONFIG)
@@ -427,8 +428,8 @@ def load_policy(
                  autocast_dtype=autocast_dtype)
     return LoadedPolicy(
         policy=pol,
-        base_sha256=file_sha256(checkpoint) if hash_files else "",
-        controlnet_sha256=file_sha256(controlnet) if hash_files else "",
+        base_sha256=sha256_file(checkpoint) if hash_files else "",
+        controlnet_sha256=sha256_file(controlnet) if hash_files else "",
         controlnet_config={k: v for k, v in dict(cn.config).items() if not k.startswith("_")},
     )
 

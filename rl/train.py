@@ -41,7 +41,6 @@ import json
 import math
 import os
 import time
-import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,7 +50,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_write_json, atomic_write_text
 from .ddpo import (
     STEP_WEIGHTINGS,
     StatTracker,
@@ -62,6 +60,7 @@ from .ddpo import (
     step_weights,
 )
 from .errors import QRRLError
+from .files import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from .image_io import save_figure
 from .objectives import OBJECTIVES, advantage_weights, regression_loss
 from .policy import TRAINING_MODES
@@ -422,28 +421,6 @@ def _micro_batches(samples: list[_Sample], units: list[tuple[int, int]], size: i
 # files
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
-                            metadata: dict[str, str] | None = None) -> Path:
-    """Write a safetensors file via a hidden temp file + fsync + ``os.replace``.
-
-    A crash (even ``kill -9``) at any moment leaves either the old file or the new one under
-    ``path``, never a truncated file.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _save_checkpoint(path: Path, policy, optimizer, state: dict) -> None:
     tensors = {f"param.{k}": v for k, v in policy.trainable_state_dict().items()}
     opt = optimizer.state_dict()
@@ -532,7 +509,7 @@ def export_controlnet(policy, out: Path, controlnet_config: dict, metadata: dict
     the original ``control_model.*`` keys otherwise (ComfyUI only recognises diffusers-layout
     ControlNets of the sizes it knows). Metadata values are JSON strings.
     """
-    from .convert import SD15_CONTROLNET_CONFIG, controlnet_to_ldm, load_config
+    from .weights import SD15_CONTROLNET_CONFIG, controlnet_to_ldm, load_config
 
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     sd = policy.merged_controlnet_state_dict()
@@ -698,7 +675,7 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     config.validate()
     from accelerate import Accelerator
 
-    from .convert import ensure_model_imports
+    from .weights import ensure_model_imports
 
     ensure_model_imports()
     from .luma_control import projection_from_meta
@@ -797,7 +774,7 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     anchor = None
     if config.anchor_decay > 0:  # after prepare: the reference lives on the parameters' device
         from .anchor import WeightAnchor
-        from .convert import load_controlnet
+        from .weights import load_controlnet
 
         ref_path = config.anchor_controlnet or config.controlnet
         anchor = WeightAnchor.build(raw.controlnet, load_controlnet(ref_path, loaded.controlnet_config))
@@ -941,7 +918,7 @@ def objective_gradients(config: TrainConfig, subsets: Sequence[Sequence[int]], l
     Advantages are normalised over all samples once (as a training run would); ddpo's gradient is
     taken at ratio 1 (the first step of a round), rwr's with its weights ``exp(A/β)``."""
     config.validate()
-    from .convert import ensure_model_imports
+    from .weights import ensure_model_imports
 
     ensure_model_imports()
     from .luma_control import projection_from_meta

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: The CPU demonstration and the test-weight builders.
 WING = ("rl.toy", "rl.toy_world", "rl.toy_backend", "rl.demo", "rl.commands.demo", "rl.commands.toy",
-        "rl.testing", "rl.tiny_sd")
+        "rl.testing")
 #: The command line offers both wings (``--backend local``, ``qr-rl demo``), by design.
 SHELL = ("rl.cli", "rl.commands")
 
@@ -76,7 +76,7 @@ def test_no_product_module_imports_the_toy_wing_or_the_test_builders():
     mods = _modules()
     graph = {name: _imports(name, path, set(mods)) for name, path in mods.items()}
     product = [m for m in mods if not _within(m, WING + SHELL)]
-    assert {"rl.collect", "rl.loop", "rl.train", "rl.convert", "rl.comfy_backend", "nodes.rl_sampler"} <= set(product)
+    assert {"rl.collect", "rl.loop", "rl.train", "rl.weights", "rl.comfy_backend", "nodes.rl_sampler"} <= set(product)
     leaks = []
     for root in product:
         seen = _closure(root, graph)
@@ -91,7 +91,7 @@ def test_no_product_module_imports_the_toy_wing_or_the_test_builders():
 def test_importing_the_product_loads_no_toy_module():
     code = (
         "import json, sys\n"
-        "import rl.collect, rl.comfy_backend, rl.comfy_client, rl.convert, rl.weights, rl.loop, rl.policy, rl.train\n"
+        "import rl.collect, rl.comfy_backend, rl.comfy_client, rl.files, rl.weights, rl.loop, rl.policy, rl.train\n"
         "from rl.loop import LoopConfig, loop_backend\n"
         "cfg = LoopConfig(backend='comfy', controlnet='cn.safetensors', checkpoint='m.safetensors', comfyui_dir='.')\n"
         "cfg.validate()\n"

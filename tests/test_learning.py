@@ -25,10 +25,11 @@ import numpy as np
 import pytest
 import torch
 
+from rl.files import atomic_save_safetensors
 from rl.policy import build_tiny_models, load_policy, tiny_configs
 from rl.reward import Reward
 from rl.sampling import gaussian_log_prob, initial_noise, sample_loop, step_mean
-from rl.train import TrainConfig, atomic_save_safetensors, train
+from rl.train import TrainConfig, train
 from rl.trajectory import Trajectory, TrajectoryDataset, write_shard
 
 torch.set_num_threads(1)  # 2 threads on 2 busy shared cores oversubscribe: 67 s became 790 s

@@ -1,4 +1,4 @@
-"""rl/policy.py + rl/convert.py: local loading (both layouts), the DESIGN §3 denoiser, export."""
+"""rl/policy.py + rl/weights.py: local loading (both layouts), the DESIGN §3 denoiser, export."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from rl.convert import load_controlnet, load_unet
 from rl.errors import QRRLError
+from rl.files import atomic_save_safetensors
 from rl.policy import Policy, build_tiny_models, check_model_patches, tiny_configs
-from rl.train import atomic_save_safetensors, export_controlnet
+from rl.train import export_controlnet
+from rl.weights import load_controlnet, load_unet
 
 torch.set_num_threads(2)
 
@@ -173,7 +174,7 @@ def test_fp16_export_is_close(tiny, tmp_path):
 
 def test_ldm_single_file_checkpoint_loads_equal(tiny_sd_files):
     """helper's SD1.5-layout single file (ldm keys, fp16) loads back equal to the diffusers model."""
-    from rl.tiny_sd import build_tiny_controlnet_model, build_tiny_unet
+    from rl.testing.tiny_sd import build_tiny_controlnet_model, build_tiny_unet
 
     unet = load_unet(tiny_sd_files.checkpoint, tiny_sd_files.config_dir / "unet")
     ref = build_tiny_unet(0).half().float().state_dict()

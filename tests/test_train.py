@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from rl.errors import QRRLError
+from rl.files import atomic_save_safetensors
 from rl.policy import Policy, build_tiny_models, tiny_configs
 from rl.sampling import initial_noise, sample_loop
-from rl.train import TrainConfig, atomic_save_safetensors, train
+from rl.train import TrainConfig, train
 from rl.trajectory import Trajectory, write_shard
 
 torch.set_num_threads(2)
@@ -232,7 +233,7 @@ def test_kill_during_save_keeps_previous_output(tmp_path):
     atomic_save_safetensors({"w": torch.ones(4)}, out)
     script = textwrap.dedent(f"""
         import torch
-        from rl.train import atomic_save_safetensors
+        from rl.files import atomic_save_safetensors
         atomic_save_safetensors({{f"w{{i}}": torch.zeros(4_000_000) for i in range(60)}}, {str(out)!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1])

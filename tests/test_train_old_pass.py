@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from rl.files import atomic_save_safetensors
 from rl.policy import build_tiny_models, load_policy, tiny_configs
 from rl.sampling import initial_noise, sample_loop
-from rl.train import TrainConfig, _embed_hints, _load_data, _old_pass, atomic_save_safetensors, train
+from rl.train import TrainConfig, _embed_hints, _load_data, _old_pass, train
 from rl.trajectory import Trajectory, write_shard
 
 torch.set_num_threads(1)
@@ -106,9 +107,9 @@ def test_recording_by_another_controlnet_is_recomputed(files, tmp_path):
     """A recording that claims this ControlNet but was sampled with another fails the spot check;
     one that names another ControlNet is not trusted at all. Both give the full pass's numbers."""
     lying, honest = tmp_path / "lying", tmp_path / "honest"
-    from rl.convert import file_sha256
+    from rl.files import sha256_file
 
-    _record(files, lying, files["other_cn"], label_sha=file_sha256(files["cn"]))
+    _record(files, lying, files["other_cn"], label_sha=sha256_file(files["cn"]))
     _record(files, honest, files["other_cn"])
     for folder, same in ((lying, True), (honest, False)):
         lp_auto, _, data = _pi_old(files, folder, "lora", "auto")
