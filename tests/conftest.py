@@ -115,6 +115,9 @@ def comfy_base_dir(comfyui_path: Path, tiny_sd_files, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO_ROOT, target_is_directory=True)
+    # test-only nodes (graphs the tiny weights cannot make, e.g. a model without preview colours)
+    (base / "custom_nodes" / "qr_rl_test_nodes").symlink_to(REPO_ROOT / "tests" / "comfy_test_nodes",
+                                                              target_is_directory=True)
     for sub in ("models/checkpoints", "models/controlnet", "models/open_clip", "input", "output", "user", "temp"):
         (base / sub).mkdir(parents=True)
     # Symlinks: the cached files are hundreds of MB; ComfyUI follows links when listing.

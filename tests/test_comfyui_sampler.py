@@ -405,3 +405,25 @@ def test_scan_guidance_is_recorded_for_rwr_to_distil(comfy_server, tiny_sd_files
 def test_scan_guidance_needs_the_code(comfy_server):
     wf = tiny_collect(seed=72, steps=2, scan_guidance=1.0)
     _refusal(comfy_server, wf, "scan_guidance needs the code it should make readable")
+
+
+def test_a_model_without_preview_colours_is_a_clear_node_error(comfy_server):
+    """Luma-only control and scan guidance read the latent through the model's preview colours: on a
+    model whose latent format has none, the node says so and how to turn the option off, and the
+    server goes on serving (the next plain run works)."""
+    def stripped(**sampler):
+        wf = tiny_collect(seed=73, steps=2, record=False, **sampler)
+        del wf[node_id(wf, "Recorder")]
+        wf["95"] = {"class_type": "QRRLTestStripPreviewColours", "inputs": {"model": ["1", 0]}}
+        set_inputs(wf, "RL Sampler", model=["95", 0])
+        wf["96"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "rl_stripped"}}
+        return wf
+
+    _refusal(comfy_server, stripped(luma_control=True), r"luma.*preview colours.*LatentFormat.*has none usable")
+    wf = stripped(scan_guidance=1.0)
+    set_inputs(wf, "RL Sampler", qr_code=[node_id(wf, "QR Payload"), 2])
+    _refusal(comfy_server, wf, r"preview colours.*has none usable")
+    plain = tiny_collect(seed=73, steps=2, record=False)
+    del plain[node_id(plain, "Recorder")]
+    plain["96"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "rl_plain"}}
+    assert len(comfy_server.output_files(comfy_server.run(plain, timeout=240))) == 1
