@@ -20,6 +20,7 @@ from ..rl.errors import QRRLError
 from ..rl.files import sha256_file
 from ..rl.sampling import TrajectoryRecord
 from ..rl.schedule import StrengthSchedule
+from ..rl.trajectory import shard_metadata
 
 SAMPLER_NAME = "qr_rl_stochastic"
 #: Conditioning options that change nothing for an SD1.5 UNet + ControlNet (recorded as is).
@@ -250,23 +251,19 @@ def shard_meta(*, cfg: float, eta: float, s_noise: float, scheduler: str, seeds,
                cn_sha: str | None, steps: int, denoise: float, ckpt_name: str, control_net_name: str, seed: int,
                feedback=None, guidance=None, guided_steps: list[int] | None = None,
                luma_meta: dict | None = None) -> dict[str, Any]:
-    """The shard metadata of one recorded run: everything the trainer needs besides the tensors."""
-    meta = {
-        "cfg": float(cfg), "eta": float(eta), "s_noise": float(s_noise), "sampler": SAMPLER_NAME,
-        "scheduler": scheduler, "seeds": seeds, "prompts": [prompt or ""] * batch,
-        "negative_prompt": negative_prompt or "", "strength_schedule": None if per_sample else schedule.to_spec(),
-        "start_percent": schedule.start_percent, "end_percent": schedule.end_percent,
-        "apply_to_uncond": True, "base_sha256": base_sha, "controlnet_sha256": cn_sha,
-        "model_patches": [], "pack_version": PACK_VERSION, "comfyui_version": comfy_version(),
-        "steps": int(steps), "denoise": float(denoise), "base_file": ckpt_name,
-        "controlnet_file": control_net_name, "seed": int(seed),
-    }
-    if feedback is not None:
-        meta["module_feedback"] = {"source": "latent_preview", **asdict(feedback.feedback)}
-    if per_sample is not None:
-        meta["strength_schedules"] = [q.to_spec() for q in per_sample]
-    if guidance is not None:  # the recorded predictions are the guided ones (rl.scan_guidance)
-        meta["scan_guidance"] = {**guidance.to_meta(), "decoder": "latent_preview", "steps": list(guided_steps or [])}
-    if luma_meta is not None:
-        meta["luma_control"] = luma_meta  # rl.luma_control.projection_from_meta rebuilds it
-    return meta
+    """The shard metadata of one recorded run (:func:`rl.trajectory.shard_metadata`) with what only
+    ComfyUI knows: its version, the file names, and that feedback and guidance read the latent preview."""
+    return shard_metadata(
+        sampler=SAMPLER_NAME, cfg=cfg, scheduler=scheduler, prompts=[prompt or ""] * batch,
+        strength_schedule=None if per_sample else schedule, strength_schedules=per_sample,
+        base_sha256=base_sha, controlnet_sha256=cn_sha,
+        module_feedback=None if feedback is None else {"source": "latent_preview", **asdict(feedback.feedback)},
+        # the recorded predictions are the guided ones (rl.scan_guidance)
+        scan_guidance=None if guidance is None else {**guidance.to_meta(), "decoder": "latent_preview",
+                                                     "steps": list(guided_steps or [])},
+        luma_control=luma_meta,  # rl.luma_control.projection_from_meta rebuilds it
+        eta=float(eta), s_noise=float(s_noise), seeds=seeds, negative_prompt=negative_prompt or "",
+        start_percent=schedule.start_percent, end_percent=schedule.end_percent, apply_to_uncond=True,
+        model_patches=[], pack_version=PACK_VERSION, comfyui_version=comfy_version(), steps=int(steps),
+        denoise=float(denoise), base_file=ckpt_name, controlnet_file=control_net_name, seed=int(seed),
+    )

@@ -121,6 +121,62 @@ def sanitize_run_name(name: str) -> str:
 # the container
 
 
+def shard_metadata(
+    *,
+    sampler: str,
+    cfg: float,
+    scheduler: str,
+    prompts: Sequence[str],
+    strength_schedule: StrengthSchedule | Mapping[str, Any] | None,
+    base_sha256: str | None,
+    controlnet_sha256: str | None,
+    payloads: Sequence[str] | None = None,
+    qr: Sequence[Mapping[str, Any]] | None = None,
+    curriculum_round: int | None = None,
+    policy_version: int | str | None = None,
+    strength_schedules: Sequence[StrengthSchedule | Mapping[str, Any]] | None = None,
+    module_feedback: Mapping[str, Any] | None = None,
+    scan_guidance: Mapping[str, Any] | None = None,
+    luma_control: Mapping[str, Any] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """The metadata of one shard, built the same way by every writer (ComfyUI node, backends, demo).
+
+    Why one builder: the trainer replays a shard from these keys alone, so a key spelt or
+    shaped differently by one writer would silently change what is replayed. The required
+    arguments are what every writer knows; ``None`` for an optional one leaves its key out
+    (:func:`complete_meta` then fills the v1 default; the optional keys of design §4 stay
+    absent, which every reader treats as "not used"). ``strength_schedule`` is always written
+    (``None`` when ``strength_schedules`` gives one curve per sample). The optional extras
+    (``module_feedback``, ``scan_guidance``, ``luma_control``) are the JSON-able records their
+    writer describes; ``fields`` carries a writer's own keys (``seeds``, ``eta``, ``steps``,
+    ``base_file``, ...), written as given.
+    """
+    meta: dict[str, Any] = {
+        "sampler": sampler, "cfg": float(cfg), "scheduler": scheduler, "prompts": list(prompts),
+        "strength_schedule": _spec(strength_schedule),
+        "base_sha256": base_sha256, "controlnet_sha256": controlnet_sha256,
+    }
+    optional = {
+        "payloads": None if payloads is None else list(payloads),
+        "qr": None if qr is None else [dict(q) for q in qr],
+        "curriculum_round": curriculum_round, "policy_version": policy_version,
+        "strength_schedules": None if strength_schedules is None else [_spec(s) for s in strength_schedules],
+        "module_feedback": None if module_feedback is None else dict(module_feedback),
+        "scan_guidance": None if scan_guidance is None else dict(scan_guidance),
+        "luma_control": None if luma_control is None else dict(luma_control),
+    }
+    meta.update({k: v for k, v in optional.items() if v is not None})
+    meta.update(fields)
+    return meta
+
+
+def _spec(schedule: StrengthSchedule | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if schedule is None:
+        return None
+    return schedule.to_spec() if isinstance(schedule, StrengthSchedule) else dict(schedule)
+
+
 def complete_meta(meta: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
     """``meta`` plus defaults for every v1 key it lacks (bookkeeping keys are set on write).
 

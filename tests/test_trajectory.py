@@ -327,3 +327,114 @@ def test_per_sample_strengths_round_trip_and_reach_each_sample(tmp_path):
     bad = write_raw(tmp_path / "bad.safetensors", per, tensors_override={"strength": table[:2]})
     with pytest.raises(ShardError, match="'strength' has shape"):
         read_shard(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# shard_metadata: the one builder of every writer's metadata
+
+#: What the RL sampler node wrote (``nodes/_record.shard_meta``, before it called
+#: ``shard_metadata``) for a recorded batch of two with per-sample curves, module feedback,
+#: scan guidance and luma control: the builder must keep every key and value.
+_CURVES = [StrengthSchedule("keyframes", keyframes=[(0.0, 1.0), (1.0, 0.5)]),
+           StrengthSchedule("keyframes", keyframes=[(0.0, 0.8), (1.0, 0.2)])]
+_LUMA = {"kind": "latent_luma", "factors": [0.2, 0.3, 0.1, -0.1], "bias": 0.05}
+NODE_META_BEFORE = {
+    "apply_to_uncond": True, "base_file": "tiny-sd15.safetensors", "base_sha256": "a" * 64, "cfg": 7.5,
+    "comfyui_version": "0.8.0", "controlnet_file": "tiny-controlnet.safetensors", "controlnet_sha256": "b" * 64,
+    "denoise": 0.8, "end_percent": 0.9, "eta": 0.5, "luma_control": _LUMA, "model_patches": [],
+    "module_feedback": {"high": 3.0, "low": 0.5, "margin": 0.1, "ramp": 0.5, "softness": 0.02,
+                        "source": "latent_preview"},
+    "negative_prompt": "blurry", "pack_version": "0.1.0", "prompts": ["", ""], "s_noise": 1.0,
+    "sampler": "qr_rl_stochastic",
+    "scan_guidance": {"decoder": "latent_preview", "end": 1.0, "iterations": 2.0, "margin": 0.05, "scale": 1.0,
+                      "start": 0.9, "steps": [3, 4]},
+    "scheduler": "karras", "seed": 5, "seeds": [5, 6], "start_percent": 0.0, "steps": 6,
+    "strength_schedule": None,
+    "strength_schedules": [
+        {"curve": "keyframes", "end_percent": 1.0, "keyframes": [[0.0, 1.0], [1.0, 0.5]], "start_percent": 0.0,
+         "step_at": 0.5, "strength_end": 1.0, "strength_start": 1.0},
+        {"curve": "keyframes", "end_percent": 1.0, "keyframes": [[0.0, 0.8], [1.0, 0.2]], "start_percent": 0.0,
+         "step_at": 0.5, "strength_end": 1.0, "strength_start": 1.0},
+    ],
+}
+
+
+def test_shard_metadata_keeps_the_node_format_and_makes_a_valid_shard(tmp_path):
+    from rl import __version__
+    from rl.module_feedback import ModuleFeedback
+    from rl.scan_guidance import ScanGuidance
+    from rl.trajectory import complete_meta, shard_metadata
+
+    feedback = ModuleFeedback(low=0.5, high=3.0, margin=0.1, softness=0.02, ramp=0.5)
+    meta = shard_metadata(
+        sampler="qr_rl_stochastic", cfg=7.5, scheduler="karras", prompts=["", ""], strength_schedule=None,
+        strength_schedules=_CURVES, base_sha256="a" * 64, controlnet_sha256="b" * 64,
+        module_feedback={"source": "latent_preview", **vars(feedback)},
+        scan_guidance={**ScanGuidance().to_meta(), "decoder": "latent_preview", "steps": [3, 4]}, luma_control=_LUMA,
+        eta=0.5, s_noise=1.0, seeds=[5, 6], negative_prompt="blurry", start_percent=0.0, end_percent=0.9,
+        apply_to_uncond=True, model_patches=[], pack_version=__version__, comfyui_version="0.8.0", steps=6,
+        denoise=0.8, base_file="tiny-sd15.safetensors", controlnet_file="tiny-controlnet.safetensors", seed=5)
+    assert meta == NODE_META_BEFORE
+    # ... and it is a shard: written (the v1 keys the node leaves to the recorder get defaults), read back equal
+    traj = make_traj(batch=2, seed0=5)
+    # what the Trajectory Recorder adds (Trajectory.from_record completes the v1 keys the same way)
+    recorder = {k: traj.meta[k] for k in ("payloads", "qr", "reward_details")}
+    traj.meta = complete_meta(recorder | meta, 2)
+    back = read_shard(write_shard(traj, tmp_path, "node"))
+    assert {k: back.meta[k] for k in meta} == meta
+    assert back.meta["curriculum_round"] is None and back.meta["payloads"] == ["https://example.com"] * 2
+
+
+def test_shard_metadata_leaves_unused_keys_out():
+    from rl.trajectory import complete_meta, shard_metadata
+
+    plain = shard_metadata(sampler="qr_rl_toy", cfg=3, scheduler="simple-sd", prompts=("a", "b"),
+                           strength_schedule=StrengthSchedule("constant", 0.7, 0.7), base_sha256=None,
+                           controlnet_sha256="c" * 64, curriculum_round=2, schedule_exploration=None)
+    assert plain == {"sampler": "qr_rl_toy", "cfg": 3.0, "scheduler": "simple-sd", "prompts": ["a", "b"],
+                     "strength_schedule": StrengthSchedule("constant", 0.7, 0.7).to_spec(), "base_sha256": None,
+                     "controlnet_sha256": "c" * 64, "curriculum_round": 2, "schedule_exploration": None}
+    assert not {"module_feedback", "scan_guidance", "luma_control", "strength_schedules"} & set(plain)
+    full = complete_meta(plain, 2)
+    assert full["policy_version"] is None and full["payloads"] == ["", ""]
+
+
+def test_the_node_writes_the_metadata_it_wrote_before(comfyui_path):
+    """The RL sampler node's own builder (``nodes/_record.shard_meta``), imported from the pack
+    with ComfyUI on the path, in a fresh interpreter (ComfyUI's modules stay out of this one)."""
+    repo = Path(__file__).resolve().parents[1]
+    code = textwrap.dedent(f"""
+        import importlib, importlib.util, json, sys
+        from dataclasses import dataclass
+        sys.path.insert(0, {str(comfyui_path)!r})
+        spec = importlib.util.spec_from_file_location("qr_rl_pack", {str(repo / "__init__.py")!r},
+                                                      submodule_search_locations=[{str(repo)!r}])
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules["qr_rl_pack"] = pack
+        spec.loader.exec_module(pack)
+        record = importlib.import_module("qr_rl_pack.nodes._record")
+        from qr_rl_pack.rl.module_feedback import ModuleFeedback
+        from qr_rl_pack.rl.scan_guidance import ScanGuidance
+        from qr_rl_pack.rl.schedule import StrengthSchedule
+
+        @dataclass
+        class Feedback:  # what the sampler hands over: the LatentFeedback's settings
+            feedback: ModuleFeedback
+
+        curves = [StrengthSchedule("keyframes", keyframes=[(0.0, 1.0), (1.0, 0.5)]),
+                  StrengthSchedule("keyframes", keyframes=[(0.0, 0.8), (1.0, 0.2)])]
+        meta = record.shard_meta(
+            cfg=7.5, eta=0.5, s_noise=1.0, scheduler="karras", seeds=[5, 6], batch=2, prompt="",
+            negative_prompt="blurry", schedule=StrengthSchedule("linear", 1.2, 0.4, 0.0, 0.9), per_sample=curves,
+            base_sha="a" * 64, cn_sha="b" * 64, steps=6, denoise=0.8, ckpt_name="tiny-sd15.safetensors",
+            control_net_name="tiny-controlnet.safetensors", seed=5,
+            feedback=Feedback(ModuleFeedback(low=0.5, high=3.0, margin=0.1, softness=0.02, ramp=0.5)),
+            guidance=ScanGuidance(), guided_steps=[3, 4], luma_meta={_LUMA!r})
+        print(json.dumps(meta))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta = json.loads(out.stdout.strip().splitlines()[-1])
+    assert meta.pop("comfyui_version") is not None
+    assert meta == {k: v for k, v in NODE_META_BEFORE.items() if k != "comfyui_version"}
