@@ -11,16 +11,16 @@ fall below the floor, and the spread between images is larger than the budget: s
 hold the mean, it also froze the strength curve (docs/research-log.md).
 
 Paired floors: the demo gives each sample the floor ``0.95 × the art of the pretrained
-ControlNet for the same prompt, payload and seed``. A round's mean art moves by ±0.03 with its
-random prompts alone, and a price chasing that noise swung the policy back and forth; the paired
-gap cancels the prompts.
+ControlNet for the same prompt, payload and seed``. A round's mean art moves with its random
+prompts alone, and a price chasing that noise swung the policy back and forth; the paired gap
+cancels the prompts.
 
 A proportional term (``kp``, PI control): the price is ``max(0, I + kp·gap)`` with the integral
-``I ← max(0, I + lr·gap)``. Why: on the toy with ten per-step gains and a pure integral
-(lr 400), the price wound up to 38 while the gains took rounds to follow, then sat at 0 for
-four rounds while they recovered (equilibrium is about 5): the runs circled the budget with a
-period of about ten rounds and under-spent it on average. The proportional term answers this
-round's overspend at once and lets the integral be slow.
+``I ← max(0, I + lr·gap)``. Why: with a pure integral the price wound up far past its
+equilibrium while the learned gains took rounds to follow, then sat at 0 while they recovered:
+the runs circled the budget and under-spent it on average (the numbers: docs/research-log.md,
+"Holding the budget with the level"). The proportional term answers this round's overspend at
+once and lets the integral be slow.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ bicubic upscale when modules are tiny, area downscale to ~4 px/module which aver
 texture away, Otsu binarisation, mild blur), and for each variant the chosen decoders
 (zxing-cpp, zbar, OpenCV). Only an exact read of the payload counts as success; what was read
 instead is reported. The cascade stops at the first success (``exhaustive=True`` goes on to
-list every decoder that can read the code). zbar and OpenCV are 5-25x slower than zxing, so
-when modules are large they only see the small (downscaled / binarised) variants.
+list every decoder that can read the code). zbar and OpenCV are much slower than zxing on a
+full-size image (docs/benchmarks.md, "Scan reward throughput"), so when modules are large they
+only see the small (downscaled / binarised) variants.
 
 ``scan_score`` (in [0, 1]):
 
@@ -193,9 +194,9 @@ def _gray(rgb: np.ndarray) -> np.ndarray:
 def _variants(gray: np.ndarray, cell_px: float | None) -> Iterator[tuple[str, np.ndarray, frozenset[str]]]:
     """(name, image, decoders allowed on it), cheap and likely first.
 
-    ``cell_px`` = pixels per module in this image when known. Measured on 512^2 hints
-    blended with texture: zbar and OpenCV do far better (and 5-8x faster) on an area
-    downscale to ~4 px/module than on the native image, so when modules are large they
+    ``cell_px`` = pixels per module in this image when known. On hints blended with texture
+    zbar and OpenCV decode more, and faster, on an area downscale to ~4 px/module than on the
+    native image (docs/benchmarks.md, "Scan reward throughput"), so when modules are large they
     only see the downscaled variants; zxing is cheap enough to try everything.
     """
     import cv2

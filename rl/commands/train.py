@@ -63,7 +63,7 @@ OPTIONS: list[Option] = [
      help="ddpo: π_old of each step; auto (default): the recorded predictions where a spot check proves "
           "them this policy's, else recomputed; recompute: always recompute them (one extra forward pass)")),
     ("gradient_checkpointing", "--gradient-checkpointing", dict(action="store_true",
-     help="trade ~30%% time for much less memory")),
+     help="recompute activations in backward: much less memory for a second forward pass")),
     ("resume", "--resume", dict(action="store_true",
      help="continue the run in OUT's .run folder (no-op if finished)")),
     ("allow_base_mismatch", "--allow-base-mismatch", dict(action="store_true",
