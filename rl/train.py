@@ -450,6 +450,24 @@ def _read_checkpoint(path: Path, what: str) -> tuple[dict, dict[str, torch.Tenso
     return state, params, opt_state
 
 
+def _check_same_objective(path: Path, config: TrainConfig, what: str) -> None:
+    """Refuse to continue a run checkpoint ``path`` under another objective. Why: AdamW's moments are
+    the running scale of one loss's gradients (rwr's regression and ddpo's policy gradient differ by
+    orders of magnitude), and a resumed run must be the run it was; mixing them is never what was meant."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            state = json.loads((fh.metadata() or {}).get("state", "{}"))
+    except Exception as e:
+        raise QRRLError(f"{what} {path} is unreadable ({e})") from None
+    was = (state.get("config") or {}).get("objective", "ddpo")  # runs before objectives existed were ddpo
+    if was != config.objective:
+        raise QRRLError(f"{what} {path} was trained with --objective {was}, this run has --objective "
+                        f"{config.objective}: one run (and one optimizer) trains one objective; use --objective {was}, "
+                        "or start a fresh run without it")
+
+
 def _load_optimizer_state(path: Path, optimizer, lr: float) -> int:
     """Carry a previous run's AdamW moments into this run's optimizer (its learning rate stays
     this run's). Why: a fresh AdamW every round makes its first steps ≈ lr·sign(g) per weight,
@@ -707,6 +725,10 @@ def train(config: TrainConfig, log=None) -> TrainResult:
         raise QRRLError(f"{run_dir} holds a finished run; choose another --out (or --run-dir), or delete that folder")
     if ckpt_path.is_file() and not config.resume:
         raise QRRLError(f"{run_dir} holds an unfinished run; pass --resume to continue it, or delete that folder")
+    if config.resume and ckpt_path.is_file():
+        _check_same_objective(ckpt_path, config, "--resume: the unfinished run's checkpoint")
+    if config.optimizer_from:
+        _check_same_objective(Path(config.optimizer_from) / "checkpoint.safetensors", config, "--optimizer-from:")
 
     # ---- policy and data
     torch.manual_seed(config.seed)  # LoRA init is random: same seed, same run (resume equals uninterrupted)

@@ -166,6 +166,24 @@ def test_resume_matches_uninterrupted(models, shards, tmp_path):
     assert [m["epoch"] for m in resumed.metrics] == [1, 2]
 
 
+def test_one_run_trains_one_objective(models, shards, tmp_path):
+    """A resumed run, or an optimizer carried from another run, under another objective: a clear
+    error before anything is written (AdamW's moments are one loss's gradient scale)."""
+    folder, _ = shards
+    first = train(models.config([folder], tmp_path / "a.safetensors", epochs=1), log=lambda m: None)
+    (first.run_dir / "result.json").unlink()  # "interrupted" after its first epoch
+    ckpt = first.run_dir / "checkpoint.safetensors"
+    before = ckpt.read_bytes()
+    with pytest.raises(QRRLError, match="trained with --objective ddpo, this run has --objective rwr"):
+        train(models.config([folder], tmp_path / "a.safetensors", epochs=2, objective="rwr", resume=True),
+              log=lambda m: None)
+    assert ckpt.read_bytes() == before
+    with pytest.raises(QRRLError, match="--optimizer-from:.*trained with --objective ddpo"):
+        train(models.config([folder], tmp_path / "b.safetensors", objective="rwr", optimizer_from=first.run_dir),
+              log=lambda m: None)
+    assert not (tmp_path / "b.safetensors").exists() and not (tmp_path / "b.run").exists()
+
+
 def test_bad_inputs(models, shards, tmp_path):
     folder, paths = shards
     pol, base, cn = models.policy()
