@@ -110,7 +110,7 @@ class TrainConfig:
     clip_range: float = 0.02
     timestep_fraction: float = 0.5
     steps_from: float = 0.0  # train only steps k with k / K >= steps_from (the late, detail-setting steps)
-    step_weighting: str = "none"  # "none" | "std" (rl.ddpo.step_weights; std put ~45% of the update on step 1)
+    step_weighting: str = "none"  # "none" | "std" (rl.ddpo.step_weights; std puts much of the update on step 1)
     kl_coef: float = 0.0
     anchor_decay: float = 0.0  # per-step pull toward anchor_controlnet (rl.anchor); 0 = off
     anchor_controlnet: str | os.PathLike[str] | None = None  # default: the starting --controlnet
