@@ -226,18 +226,21 @@ def report(args, model) -> None:
         arms["tricks + scan guidance, untrained"] = [[base[f"guided-tricks@{s}"] for s in GUIDED_TRICKS]]
     draws = [base[f"draw{j}@{demo}"] for j in range(1, max(BEST_OF)) if f"draw{j}@{demo}" in base]
     singles: dict[str, dict] = {}
+    seeds_of: dict[str, list[int]] = {}  # trained arms: the training seed of each frontier
     for n in BEST_OF:
         if len(draws) >= n - 1:
             singles[f"best-of-{n} (pretrained, {demo})"] = best_of(ref, draws, n)
     for recipe in RECIPES:
-        files = sorted(root.glob(f"tuned-{recipe}-seed*.json"))
-        runs = [json.loads(f.read_text()) for f in files]
-        runs = [r for r in runs if all(f"plain@{s}" in r for s in TUNED_PLAIN)]
-        if runs:
-            arms[f"tuned ({recipe}), plain"] = [[r[f"plain@{s}"] for s in TUNED_PLAIN] for r in runs]
-        runs_t = [r for r in runs if all(f"tricks@{s}" in r for s in TUNED_TRICKS)]
-        if runs_t:
-            arms[f"tuned ({recipe}) + tricks"] = [[r[f"tricks@{s}"] for s in TUNED_TRICKS] for r in runs_t]
+        files = sorted(root.glob(f"tuned-{recipe}-seed*.json"), key=lambda f: int(f.stem.rsplit("seed", 1)[1]))
+        runs = [(int(f.stem.rsplit("seed", 1)[1]), json.loads(f.read_text())) for f in files]
+        plain = [(seed, r) for seed, r in runs if all(f"plain@{s}" in r for s in TUNED_PLAIN)]
+        if plain:
+            arms[f"tuned ({recipe}), plain"] = [[r[f"plain@{s}"] for s in TUNED_PLAIN] for _, r in plain]
+            seeds_of[f"tuned ({recipe}), plain"] = [seed for seed, _ in plain]
+        with_tricks = [(seed, r) for seed, r in runs if all(f"tricks@{s}" in r for s in TUNED_TRICKS)]
+        if with_tricks:
+            arms[f"tuned ({recipe}) + tricks"] = [[r[f"tricks@{s}"] for s in TUNED_TRICKS] for _, r in with_tricks]
+            seeds_of[f"tuned ({recipe}) + tricks"] = [seed for seed, _ in with_tricks]
     n_items = len(ref["decoded"])
     rng = np.random.default_rng(0)
     boots = [rng.integers(0, n_items, n_items) for _ in range(args.bootstrap)]
@@ -277,6 +280,11 @@ def report(args, model) -> None:
                      f"{c['vs_tricks'][0]:+.0%} [{c['vs_tricks'][1]:+.0%}, {c['vs_tricks'][2]:+.0%}] | "
                      f"{pct(h['decode_at_budget'])} [{pct(h['ci'][0])}, {pct(h['ci'][1])}] | "
                      f"{h['vs_dial'][0]:+.0%} [{h['vs_dial'][1]:+.0%}, {h['vs_dial'][2]:+.0%}] |")
+    per_seed = [f"- {name}: " + "; ".join(
+        f"seed {seed}: {pct(at_budget(f, 'art', budgets['art']))} / {pct(at_budget(f, 'art_heldout', budgets['art_heldout']))}"
+        for seed, f in zip(seeds_of[name], arms[name])) for name in rows if name in seeds_of]
+    if per_seed:
+        lines += ["", "Trained arms per training seed: decode at the CLIP budget / at the SSIM budget", "", *per_seed]
     lines += ["", "Single points (not frontiers): best-of-N at the demo strength; its art is each draw against its own "
               "base image, so it spends no strength; samples and scans per delivered image = N.", "",
               "| arm | decode | CLIP art | SSIM art |", "|---|---|---|---|"]
