@@ -9,6 +9,7 @@ skips jobs already in the manifest, adopts a finished shard whose entry was not 
 Why a protocol: this module knows jobs, shards and the manifest, not where samples come from.
 Backends: ``rl.comfy_backend.ComfyBackend`` (an API-format workflow on ComfyUI servers) and
 the CPU demonstration's ``rl.toy_backend.LocalToyBackend`` (the toy model, in-process).
+``rl.rounds`` drives one round of the recipe through this module.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class Job:
     controlnet: str = ""
     #: one keyframes line per sample (its own strength curve, ``"0:1.6, 1:0.8"``), or () for ``strength``
     keyframes: tuple[str, ...] = ()
+    #: one (low, high) module-feedback gain pair per sample (drawn around the learned gains), or ()
+    feedback_gains: tuple[tuple[float, float], ...] = ()
 
     @property
     def key(self) -> str:
@@ -71,6 +74,8 @@ class Job:
         fields_ = [self.round, self.prompt, self.payload, list(self.seeds), round(self.strength, 6), self.controlnet]
         if self.keyframes:  # only then: jobs without per-sample curves keep their keys
             fields_.append(list(self.keyframes))
+        if self.feedback_gains:
+            fields_.append([list(g) for g in self.feedback_gains])
         blob = json.dumps(fields_, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -289,7 +294,7 @@ def _entry(job: Job, path: Path, sha: str, samples: int, metrics: Mapping[str, f
         "server": server, "prompt_id": prompt_id, "metrics": dict(metrics),
         "image": os.path.relpath(image, folder) if image else None,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    } | ({"feedback_gains": [list(g) for g in job.feedback_gains]} if job.feedback_gains else {})
 
 
 def collect(jobs: Sequence[Job], backend: Backend, folder: str | os.PathLike[str],

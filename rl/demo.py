@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,31 @@ from . import toy_world as world
 from .errors import QRRLError
 from .files import atomic_copy, atomic_write_text
 from .image_io import save_figure
-from .luma_control import projection_meta
+from .rounds import TrainerSettings
+
+#: Where the demo's trainer defaults differ from ``qr-rl train``'s: the measured recipe (rwr on every
+#: weight of the ControlNet, one pass over each round's shards, every step; docs/research-log.md).
+DEMO_TRAINER = {"objective": "rwr", "mode": "full", "lora_rank": 4, "epochs": 1, "clip_range": 0.2,
+                "timestep_fraction": 1.0, "batch_size": 16}
+#: The flat trainer keys of earlier releases → their key in ``DemoConfig.train`` (deprecated aliases).
+DEPRECATED_TRAIN_KEYS = {"objective": "objective", "awr_beta": "awr_beta", "mode": "mode", "lora_rank": "lora_rank",
+                         "lr": "lr", "anchor_decay": "anchor_decay", "epochs": "epochs", "clip_range": "clip_range",
+                         "timestep_fraction": "timestep_fraction", "steps_from": "steps_from",
+                         "step_weighting": "step_weighting", "train_batch_size": "batch_size",
+                         "grad_accum": "grad_accum"}
+#: Trainer settings the demo fixes (it exports for the report and trains on the CPU).
+DEMO_FIXED = ("mixed_precision", "export_dtype", "seed", "cpu", "kl_coef")
+
+
+def demo_trainer(**settings: Any) -> TrainerSettings:
+    """The demo's :class:`rl.rounds.TrainerSettings`: the trainer's defaults, ``DEMO_TRAINER``, ``settings``."""
+    return TrainerSettings(**(DEMO_TRAINER | settings))
+
+
+def _deprecation(message: str) -> None:
+    import sys
+
+    print(f"qr-rl demo: warning: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -53,14 +77,10 @@ class DemoConfig:
     group_size: int = 8  # seeds per group (advantages are normalised inside a group)
     eval_samples: int = 64
     clip_weight: float = 0.5
-    objective: str = "rwr"  # how the ControlNet learns from each round's shards (rl.objectives): rwr | ddpo
-    awr_beta: float = 1.0  # rwr: temperature of the sample weights exp(A/β)
     teacher: str = "pretrained"  # which ControlNet the rounds sample with: pretrained (a fixed teacher) | current
-    mode: str = "full"  # "full" | "zero_convs" | "lora" (which ControlNet weights train; zero convs lack the capacity)
-    lora_rank: int = 4  # only with mode "lora"
-    lr: float = 1e-4  # AdamW, one optimizer carried across the rounds
-    anchor_decay: float = 0.0  # per-step pull toward the pretrained ControlNet (rl.anchor)
     train_controlnet: bool = True  # fine-tune the ControlNet's weights on each round's shards (rl.train)
+    # the trainer's settings (rl.rounds.TrainerSettings); the demo's defaults in DEMO_TRAINER
+    train: TrainerSettings = field(default_factory=lambda: demo_trainer())
     learn_schedule: bool = True  # learn the strength curve (rl.schedule_policy, docs/research-log.md)
     schedule_shape: str = "level_slope"  # what the curve learns: level_slope (2 numbers) | level | per_step (rl.schedule_policy)
     schedule_sigma: float = 0.2  # log-gain exploration per learned number
@@ -84,42 +104,47 @@ class DemoConfig:
     art_price_lr: float = 100.0  # art_budget "price": the floor holds the *mean* art, priced by a Lagrange multiplier
     art_price_kp: float = 500.0  # the price's proportional term (rl.art_budget: why)
     average_last: float = 0.25  # the result averages the learned curve and gains over this fraction of the last rounds
-    epochs: int = 1
-    clip_range: float = 0.2
-    timestep_fraction: float = 1.0
-    steps_from: float = 0.0  # DDPO on the late steps only (--train-controlnet)
-    step_weighting: str = "none"
-    train_batch_size: int = 16
-    grad_accum: int = 1
     seed: int = 0
     threads: int | None = None
     progress: bool = True
     keep_shards: bool = True
 
     @classmethod
-    def toml_settings(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
+    def toml_settings(cls, path: str | os.PathLike[str],
+                      warn: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Settings from a TOML file (``configs/demo.toml`` documents every key; a ``[demo]`` table or
-        top-level keys, dashes accepted for underscores). Unknown keys are refused."""
-        from dataclasses import fields
-
+        top-level keys, dashes accepted for underscores; the trainer's in ``[demo.train]`` / ``[train]``,
+        returned as ``{"train": {...}}``). The flat trainer keys of earlier releases still work, each with
+        a warning naming its new key. Unknown keys are refused."""
         from .loop import LoopConfig
 
+        say = warn or _deprecation
         data = LoopConfig.load_toml(path)
         if set(data) == {"demo"} and isinstance(data["demo"], dict):
             data = data["demo"]
         data = {str(k).replace("-", "_"): v for k, v in data.items()}
         data.pop("loop", None)
-        known = {f.name for f in fields(cls)} - {"out"}
+        train = data.pop("train", None) or {}
+        if not isinstance(train, dict):
+            raise QRRLError(f"{path}: 'train' must be a table of trainer settings ([demo.train]), got {train!r}")
+        train = {str(k).replace("-", "_"): v for k, v in train.items()}
+        for old in [k for k in data if k in DEPRECATED_TRAIN_KEYS]:
+            new = DEPRECATED_TRAIN_KEYS[old]
+            say(f"{path}: '{old}' is deprecated: set it as '{new}' in the [demo.train] table")
+            train.setdefault(new, data.pop(old))
+        known = {f.name for f in fields(cls)} - {"out", "train"}
         unknown = sorted(set(data) - known)
+        allowed = set(TrainerSettings.keys()) - set(DEMO_FIXED)
+        unknown += [f"train.{k}" for k in sorted(set(train) - allowed)]
         if unknown:
             raise QRRLError(f"{path}: unknown demo settings {unknown}; see configs/demo.toml for every key")
-        return data
+        return data | ({"train": train} if train else {})
 
     @classmethod
     def quick(cls, out: str | os.PathLike[str], **kw: Any) -> DemoConfig:
         """The ≤ 2-minute settings the tests use (2 rounds × 8 samples, 8 eval samples; the linear
         curriculum, so that path runs too)."""
-        base = {"rounds": 2, "hold_rounds": 1, "groups": 2, "group_size": 4, "eval_samples": 8, "epochs": 1,
+        base = {"rounds": 2, "hold_rounds": 1, "groups": 2, "group_size": 4, "eval_samples": 8,
                 "curriculum": "linear"}
         base.update(kw)
         return cls(out=out, **base)
@@ -146,16 +171,11 @@ class DemoConfig:
         need(self.art_floor_weight >= 0, f"--art-floor-weight must be >= 0, got {self.art_floor_weight}")
         need(self.train_controlnet or self.learn_schedule,
              "nothing to learn: --no-learn-schedule needs --train-controlnet")
-        from .objectives import OBJECTIVES
-
-        need(self.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        need(self.awr_beta > 0, f"--awr-beta must be > 0, got {self.awr_beta}")
+        self.train.validate()
         need(self.teacher in ("pretrained", "current"), f"teacher must be pretrained or current, got {self.teacher!r}")
         from .module_feedback import check_feedback
         from .schedule_policy import SHAPES, check_schedule_options
-        from .train import check_training_options
 
-        check_training_options(self.mode, self.step_weighting, self.anchor_decay, self.steps_from)
         check_schedule_options(self.schedule_sigma, self.schedule_lr)
         need(self.schedule_shape in SHAPES,
              f"unknown --schedule-shape {self.schedule_shape!r}: use {', '.join(SHAPES)}")
@@ -243,11 +263,22 @@ def reference_art(model, strength: float, cfg: DemoConfig, scorer) -> float:
     return float(model.art_reward(images, prompts, base, scorer).components["clip_image"].mean())
 
 
+def demo_jobs(cfg: DemoConfig, r: int, strength: float, controlnet: str) -> list[Any]:
+    """Round ``r``'s jobs: one :class:`rl.collect.Job` per (prompt, payload) group of ``round_items``."""
+    from .collect import Job
+
+    prompts, payloads, seeds = round_items(cfg, 1000 + r, r)
+    k = cfg.group_size
+    return [Job(g, r, prompts[g * k], payloads[g * k], tuple(seeds[g * k:(g + 1) * k]), float(strength), controlnet)
+            for g in range(cfg.groups)]
+
+
 def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: int, cfg: DemoConfig,
-                  round_dir: Path, scorer, base_sha: str, schedule=None, art_floor: float | None = None,
+                  round_dir: Path, scorer, base_sha: str | None = None, schedule=None, art_floor: float | None = None,
                   budget=None, feedback_gains=None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Sample ``groups × group_size`` trajectories at ``strength``, score them, write one shard
-    into ``round_dir/shards``.
+    """Round ``r`` through the round pipeline (rl.rounds) and the toy backend: ``groups × group_size``
+    samples at base ``strength``, scored, one shard per group in ``round_dir/shards``
+    (``round_dir/manifest.json`` lists them). ``base_sha`` is not needed (the backend hashes, cached).
 
     Returns the round's row and, with a :class:`rl.schedule_policy.SchedulePolicy`, what its
     update needs: each sample drew its own per-step strengths around the schedule (recorded
@@ -262,102 +293,70 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
     follows it down, so a high-strength round is allowed the art that strength costs the
     pretrained ControlNet (docs/research-log.md, "The curriculum under an art budget").
     """
-    from .files import sha256_file as file_sha256
-    from .reward import combine_rewards, floor_penalty
-    from .scan import scan_reward
-    from .toy import images_hwc_uint8, sample
-    from .trajectory import Trajectory, write_shard
+    from . import rounds
+    from .toy_backend import LocalToyBackend, ToyScoring
 
-    prompts, payloads, seeds = round_items(cfg, 1000 + r, r)
-    codes = [world.toy_code(p) for p in payloads]
-    delta = None
-    strengths: Any = strength
+    feedback = cfg.feedback()
+    backend = LocalToyBackend(
+        model=model, controlnet=controlnet_path if controlnet is not None else None, controlnet_module=controlnet,
+        feedback=feedback, luma_control=cfg.luma_control, guidance=cfg.guidance(), scorer=scorer,
+        scoring=ToyScoring(clip_weight=cfg.clip_weight, art_floor=art_floor, art_floor_weight=cfg.art_floor_weight,
+                           budget=budget, budget_fraction=cfg.art_floor),
+        extra_meta={"schedule_exploration": None if schedule is None else schedule.to_dict(strength),
+                    "policy_version": r})
+    jobs = demo_jobs(cfg, r, strength, Path(controlnet_path).name)
+    n = sum(len(j.seeds) for j in jobs)
+    draw = gains = fb_delta = None
     if schedule is not None:
-        strengths, delta = schedule.draw(len(prompts), strength, np.random.default_rng([cfg.seed, 2000 + r]),
-                                         mirrored=cfg.explores_in_pairs)
-    feedback, gains, fb_delta = cfg.feedback(), None, None
+        draw = rounds.draw_curves(schedule, n, strength, np.random.default_rng([cfg.seed, 2000 + r]),
+                                  cfg.explores_in_pairs, backend.step_percents())
     if feedback is not None and feedback_gains is not None:
-        gains, fb_delta = feedback_gains.draw(len(prompts), list(feedback.gains()),
-                                              np.random.default_rng([cfg.seed, 3000 + r]),
+        gains, fb_delta = feedback_gains.draw(n, list(feedback.gains()), np.random.default_rng([cfg.seed, 3000 + r]),
                                               mirrored=cfg.explores_in_pairs)
-    out = sample(model, prompts, codes, seeds, strengths, controlnet=controlnet, feedback=feedback,
-                 feedback_gains=gains, luma_control=cfg.luma_control, guidance=cfg.guidance())
-    base = sample(model, prompts, None, seeds, 0.0, record=False).images
-    scan = scan_reward(images_hwc_uint8(out.images), codes)
-    art = model.art_reward(out.images, prompts, base, scorer)
-    parts, weights = [scan, art], [1.0, cfg.clip_weight]
-    if art_floor is not None:
-        parts.append(floor_penalty(art.components["clip_image"], art_floor))
-        weights.append(cfg.art_floor_weight)
-    floors = None
-    if budget is not None:  # paired: the pretrained ControlNet's art for the same items, × the floor fraction
-        plain = sample(model, prompts, codes, seeds, strength, record=False).images
-        floors = cfg.art_floor * model.art_reward(plain, prompts, base, scorer).components["clip_image"]
-        parts.append(budget.reward(art.components["clip_image"], floors=floors))
-        weights.append(1.0)
-    reward = combine_rewards(parts, weights)
-    info = model.info
-    meta = {
-        "cfg": float(info["sampling"]["cfg"]), "sampler": "qr_rl_toy",
-        "scheduler": info["sampling"].get("scheduler", "simple-sd"),
-        "prompts": prompts, "payloads": payloads, "qr": [c.to_metadata() for c in codes],
-        "strength_schedule": None if schedule is not None else {
-            "curve": "constant", "strength_start": strength, "strength_end": strength,
-            "start_percent": 0.0, "end_percent": 1.0, "keyframes": [], "step_at": 0.5},
-        "schedule_exploration": None if schedule is None else schedule.to_dict(strength),
-        # each sample's gains; the per-step gain maps themselves are the shard's strength_map
-        "module_feedback": None if feedback is None else {
-            "margin": feedback.margin, "softness": feedback.softness, "ramp": feedback.ramp,
-            "gains": (torch.tensor([feedback.gains()] * len(prompts)) if gains is None else gains).tolist()},
-        # which luma-only control the sampler used (rl.luma_control): the trainer rebuilds it to replay
-        "luma_control": projection_meta(world.LATENT_FACTOR) if cfg.luma_control else None,
-        # scan guidance edits the recorded predictions: rwr distils them, ddpo refuses them (rl.scan_guidance)
-        "scan_guidance": None if cfg.guidance() is None else cfg.guidance().to_meta(),
-        "base_sha256": base_sha, "controlnet_sha256": file_sha256(controlnet_path),
-        "curriculum_round": r, "policy_version": r,
-    }
-    traj = Trajectory.from_record(out.record, timestep=out.timesteps, cond=out.cond, uncond=out.uncond,
-                                  hint=out.hints, reward=reward, meta=meta)
-    path = write_shard(traj, round_dir, "shards", prefix=f"round-{r:03d}")
-    comp = reward.components
+    jobs = rounds.per_sample(jobs, None if draw is None else draw.keyframes, None if gains is None else gains.tolist())
+    rounds.collect_round(jobs, backend, round_dir, progress=False, log=lambda m: None)
+    got = rounds.read_round(round_dir, jobs)
+    comp = got.components
     row: dict[str, Any] = {}
     exploration = None
-    if schedule is not None:
-        from .ddpo import compute_advantages, group_key
-
-        keys = [group_key(p, q, float(strength)) for p, q in zip(prompts, payloads)]
-        exploration = {"delta": delta, "feedback_delta": fb_delta, "decoded": comp["decoded"],
-                       "margin": None if floors is None else comp["clip_image"] - floors,
-                       "advantages": compute_advantages(reward.total, keys, min_group_size=cfg.group_size)}
-        row["mean_strength"] = float(torch.as_tensor(strengths).mean())
+    if draw is not None:
+        exploration = {"delta": draw.delta, "feedback_delta": fb_delta, "decoded": comp["decoded"],
+                       "margin": comp["art_margin"] if budget is not None else None,
+                       "advantages": rounds.advantages(got, min_group_size=cfg.group_size)}
+        row["mean_strength"] = float(draw.strengths.mean())
+    if budget is not None:  # each sample's paired floor is its art less its margin
+        row["art_floor"] = float((comp["clip_image"] - comp["art_margin"]).mean())
     return row | {
-        "round": r, "strength": float(strength), "samples": len(prompts), "shard": str(path),
-        "decode_rate": float(comp["decoded"].mean()), "module_accuracy": float(comp["module_accuracy"].mean()),
-        "art_similarity": float(comp["clip_image"].mean()), "text_similarity": float(comp["clip_text"].mean()),
-        "reward": float(reward.total.mean()),
-        "art_shortfall": float(comp["art_shortfall"].mean()) if "art_shortfall" in comp else 0.0,
-    } | ({} if floors is None else {"art_floor": float(np.mean(floors))}), exploration
+        "round": r, "strength": float(strength), "samples": n, "shard": str(got.shards[0]),
+        "shards": str(round_dir / "shards"),
+        "decode_rate": got.mean("decoded"), "module_accuracy": got.mean("module_accuracy"),
+        "art_similarity": got.mean("clip_image"), "text_similarity": got.mean("clip_text"),
+        "reward": got.mean("reward"),
+        "art_shortfall": got.mean("art_shortfall") if "art_shortfall" in comp else 0.0,
+    }, exploration
+
+
+def trainer_settings(cfg: DemoConfig) -> TrainerSettings:
+    """``cfg.train`` with what the demo fixes: fp32 export, the CPU, seed ``100 × seed`` (round r adds r)."""
+    return replace(cfg.train, export_dtype="fp32", cpu=True, seed=cfg.seed * 100, mixed_precision="no", kl_coef=0.0)
 
 
 def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: int, cfg: DemoConfig,
                 log: Callable[[str], None], strength: float,
                 optimizer_from: Path | None = None) -> tuple[Path, Path, dict[str, Any]]:
-    """One offline training round on this round's shards with ``rl.train.train`` (``cfg.objective``;
+    """One offline training round on this round's shards (rl.rounds.train_round; ``cfg.train.objective``;
     rwr trains the plain ControlNet at the round's base ``strength``, the AdamW state carried over
     from ``optimizer_from``, the previous round's run folder). Returns the new ControlNet and its run folder."""
-    from .train import TrainConfig, train
+    from . import rounds
 
-    tc = TrainConfig(
-        trajectories=[str(shard_folder)], checkpoint=model.unet_path, controlnet=controlnet_path, out=out,
-        objective=cfg.objective, awr_beta=cfg.awr_beta,
-        target_strength=float(strength) if cfg.objective == "rwr" else None, optimizer_from=optimizer_from,
-        unet_config=model.unet_config_path, controlnet_config=model.controlnet_config_path, mode=cfg.mode,
-        lora_rank=cfg.lora_rank, lr=cfg.lr, anchor_decay=cfg.anchor_decay,
-        anchor_controlnet=model.controlnet_path if cfg.anchor_decay > 0 else None, epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction,
-        steps_from=cfg.steps_from, step_weighting=cfg.step_weighting, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed * 100 + r, run_name="demo", round=r,
-        export_dtype="fp32", export_layout="diffusers", cpu=True, progress=False, min_group_size=cfg.group_size,
-    )
-    res = train(tc, log=log)
+    settings = trainer_settings(cfg)
+    tc = rounds.train_config(
+        settings, r, shards=[shard_folder], checkpoint=model.unet_path, controlnet=controlnet_path, out=out,
+        anchor=model.controlnet_path, target_strength=float(strength) if settings.objective == "rwr" else None,
+        optimizer_from=optimizer_from, unet_config=model.unet_config_path,
+        controlnet_config=model.controlnet_config_path, run_name="demo", export_layout="diffusers", progress=False,
+        min_group_size=cfg.group_size)
+    res = rounds.train_round(tc, log=log)
     last = res.metrics[-1] if res.metrics else {}
     keep = ("loss", "rmse", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm")
     return Path(res.out), res.run_dir, {k: float(last[k]) for k in keep if k in last} | {
@@ -426,6 +425,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     from tqdm.auto import tqdm
 
     from .files import sha256_file as file_sha256
+    from .rounds import base_strength, update_curve
     from .toy import ToyModel, eval_prompts_codes, sample
     from .weights import load_controlnet
 
@@ -496,10 +496,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     feedback_means: list[torch.Tensor] = []
     bar = tqdm(total=cfg.rounds, desc="RL rounds", unit="round", disable=not cfg.progress)
     for r in range(cfg.rounds):
-        if plan is None or r >= cfg.rounds - cfg.hold_rounds:
-            strength = low
-        else:
-            strength = plan.strength_for_round(r, history)
+        strength = base_strength(plan, r, history, low, hold_from=cfg.rounds - cfg.hold_rounds)
         round_dir = out / "rounds" / f"r{r:03d}"
         t0 = time.perf_counter()
         # the rounds sample with the pretrained ControlNet (a fixed teacher whose tricks the trainer distils) or
@@ -528,11 +525,11 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
                 level = budget.observe(exploration["delta"][:, 0].numpy(), exploration["margin"], exploration["decoded"])
                 schedule.shift_level(level["level_step"])
                 row.update(level)
-            row.update(schedule.update(exploration["delta"], adv.values, adv.mask, learn=learn))
+            row.update(update_curve(schedule, exploration["delta"], adv, learn=learn))
             row["schedule_gains"] = [round(float(g), 4) for g in schedule.gains()]
             curve_means.append(schedule.log_gain.clone())
             if feedback_gains is not None:
-                feedback_gains.update(exploration["feedback_delta"], adv.values, adv.mask)
+                update_curve(feedback_gains, exploration["feedback_delta"], adv)
                 feedback_means.append(feedback_gains.log_gain.clone())
                 row["feedback_gains"] = [round(float(g), 4) for g in learned_feedback(cfg, feedback_gains).gains()]
         if budget is not None and not level_budget:
@@ -585,7 +582,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         "model": str(model.folder), "demo_strength": low, "start_strength": high, "curriculum": cfg.curriculum,
         "strengths": [row["strength"] for row in rounds], "rounds": cfg.rounds,
         "samples_per_round": cfg.groups * cfg.group_size, "eval_samples": cfg.eval_samples,
-        "trained_controlnet": cfg.train_controlnet, "objective": cfg.objective if cfg.train_controlnet else None,
+        "trained_controlnet": cfg.train_controlnet, "objective": cfg.train.objective if cfg.train_controlnet else None,
         "plain": plain, "tricks": {"before": pick(tricks_before), "after": pick(after)},
         "aim_met": aim_met(plain) if cfg.train_controlnet else False,
         "art_floor": budget.floor if budget is not None else art_floor,

@@ -1,5 +1,8 @@
 """The curriculum loop (docs/design.md §6): strength → collect → train → export → next round.
 
+Each round is the recipe of :mod:`rl.rounds` (the demo runs the same steps); the loop adds
+phases that survive a crash and the export into ComfyUI.
+
 Why a run folder with a state file: a loop runs for hours on several servers and will be
 killed (OOM, pre-emption, Ctrl-C, ``kill -9``). ``state.json`` is rewritten atomically after
 every phase, the collect manifest after every job, ``rl.train`` checkpoints every epoch, and
@@ -38,6 +41,7 @@ from .collect import read_lines
 from .errors import QRRLError
 from .files import atomic_copy, atomic_write_text
 from .image_io import save_figure
+from .rounds import TrainerSettings
 from .schedule import Curriculum
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,6 +55,26 @@ FROZEN_KEYS = ("name", "backend", "prompts", "payloads", "seeds", "seed_start", 
                "learn_schedule", "schedule_sigma")
 METRIC_COLUMNS = ("round", "strength", "decode_rate", "module_accuracy", "clip_text", "clip_image", "reward",
                   "samples", "controlnet", "exported")
+#: The flat trainer keys of earlier releases → their key in ``LoopConfig.train`` (deprecated aliases).
+DEPRECATED_TRAIN_KEYS = {"mode": "mode", "lora_rank": "lora_rank", "lr": "lr", "epochs": "epochs",
+                         "train_batch_size": "batch_size", "grad_accum": "grad_accum", "clip_range": "clip_range",
+                         "timestep_fraction": "timestep_fraction", "steps_from": "steps_from",
+                         "step_weighting": "step_weighting", "kl_coef": "kl_coef", "anchor_decay": "anchor_decay",
+                         "mixed_precision": "mixed_precision", "export_dtype": "export_dtype", "train_seed": "seed",
+                         "cpu": "cpu"}
+#: Where the loop's trainer defaults differ from ``qr-rl train``'s, and why.
+LOOP_TRAINER = {"epochs": 2}  # each round trains on that round's shards only: 2 passes, not a whole run's 4
+
+
+def loop_trainer(**settings: Any) -> TrainerSettings:
+    """The loop's :class:`rl.rounds.TrainerSettings`: the trainer's defaults, ``LOOP_TRAINER``, ``settings``."""
+    return TrainerSettings(**(LOOP_TRAINER | settings))
+
+
+def _deprecation(message: str) -> None:
+    print(f"qr-rl loop: warning: {message}", file=sys.stderr, flush=True)
+
+
 #: ``backend`` setting → "module:class" of its :class:`LoopBackend`, imported only when a run
 #: chooses it (so the loop never loads the CPU demonstration's toy wing for ComfyUI runs).
 BACKENDS = {"comfy": "rl.comfy_backend:ComfyLoopBackend", "local": "rl.toy_backend:ToyLoopBackend"}
@@ -133,23 +157,8 @@ class LoopConfig:
     controlnet_config: str | None = None
     toy_model: str | None = None
     steps: int | None = None
-    # training (rl.train.TrainConfig)
-    mode: str = "lora"
-    lora_rank: int = 8
-    lr: float = 1e-4
-    epochs: int = 2
-    train_batch_size: int = 8
-    grad_accum: int = 1
-    clip_range: float = 0.02
-    timestep_fraction: float = 0.5
-    steps_from: float = 0.0
-    step_weighting: str = "none"  # as the trainer: "std" put ~half the update on step 1 (docs/research-log.md)
-    kl_coef: float = 0.0
-    anchor_decay: float = 0.0  # per-step pull toward the loop's starting ControlNet (rl.anchor)
-    mixed_precision: str = "no"
-    export_dtype: str = "fp16"
-    train_seed: int = 0
-    cpu: bool = False
+    # training: the trainer's own settings (rl.rounds.TrainerSettings), the loop's defaults in LOOP_TRAINER
+    train: TrainerSettings = field(default_factory=lambda: loop_trainer())
     threads: int | None = None
     progress: bool = True
 
@@ -159,13 +168,34 @@ class LoopConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> LoopConfig:
-        """Build from a dict (TOML), refusing unknown keys (dashes are accepted for underscores)."""
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "config",
+                     warn: Callable[[str], None] | None = None) -> LoopConfig:
+        """Build from a dict (TOML), refusing unknown keys (dashes are accepted for underscores).
+
+        The trainer's settings sit in a ``train`` table (``[loop.train]`` or ``[train]``; flags
+        ``--train-<key>``); the flat keys of earlier releases (``lr``, ``mode``, ``train_batch_size``,
+        ...) still work, each with a warning naming its new key.
+        """
+        say = warn or _deprecation
         norm = {str(k).replace("-", "_"): v for k, v in data.items()}
+        train = norm.pop("train", None) or {}
+        if not isinstance(train, Mapping):
+            raise QRRLError(f"{source}: 'train' must be a table of trainer settings (e.g. [loop.train]), got {train!r}")
+        train = {str(k).replace("-", "_"): v for k, v in train.items()}
+        unknown = sorted(set(train) - set(TrainerSettings.keys()))
+        if unknown:
+            raise QRRLError(f"{source}: unknown trainer keys {unknown} in 'train'; valid: "
+                            f"{', '.join(TrainerSettings.keys())}")
+        for old in [k for k in norm if k in DEPRECATED_TRAIN_KEYS]:
+            new = DEPRECATED_TRAIN_KEYS[old]
+            say(f"{source}: '{old}' is deprecated: set 'train.{new}' ([loop.train] {new} = ..., or --train-"
+                f"{new.replace('_', '-')})")
+            train.setdefault(new, norm.pop(old))
         unknown = sorted(set(norm) - set(cls.keys()))
         if unknown:
-            raise QRRLError(f"{source}: unknown keys {unknown}; valid keys: {', '.join(cls.keys())}")
-        return cls(**norm)
+            raise QRRLError(f"{source}: unknown keys {unknown}; valid keys: {', '.join(cls.keys())} "
+                            f"(trainer settings under train: {', '.join(TrainerSettings.keys())})")
+        return cls(**norm, train=loop_trainer(**train))
 
     @classmethod
     def load_toml(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -183,7 +213,7 @@ class LoopConfig:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise QRRLError(f"config file {p} is not valid TOML: {e}") from None
-        # [loop] table or top-level keys
+        # [loop] table (its trainer settings in [loop.train]) or top-level keys (with a [train] table)
         if set(data) == {"loop"} and isinstance(data["loop"], dict):
             data = data["loop"]
         return data
@@ -203,9 +233,7 @@ class LoopConfig:
         if self.per_server_concurrency < 1:
             raise QRRLError(f"per_server_concurrency must be >= 1, got {self.per_server_concurrency}")
         # fail before the first collection, not after it
-        from .train import check_training_options
-
-        check_training_options(self.mode, self.step_weighting, self.anchor_decay, self.steps_from)
+        self.train.validate()
         if self.learn_schedule:
             from .schedule_policy import check_schedule_options
 
@@ -336,9 +364,11 @@ class RunState:
 
 def next_strength(curriculum: Curriculum, state_rounds: Sequence[Mapping[str, Any]], r: int) -> float:
     """Round ``r``'s strength from the curriculum and the decode rates of finished rounds."""
+    from .rounds import base_strength
+
     history = [float(x["metrics"]["decode_rate"]) if x.get("metrics", {}).get("decode_rate") is not None
                else math.nan for x in state_rounds[:r]]
-    return curriculum.strength_for_round(r, history)
+    return base_strength(curriculum, r, history, curriculum.end)
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,10 +509,10 @@ def _round_metrics(summary: Mapping[str, Any], strength: float) -> dict[str, Any
 
 def _collect_round(cfg: LoopConfig, backend: LoopBackend, rec: dict[str, Any], r: int, round_dir: Path,
                    prompts: list[str], payloads: list[str], run_dir: Path):
-    from .collect import collect
+    from .rounds import collect_round
 
     jobs = round_jobs(cfg, backend, rec, r, prompts, payloads)
-    return collect(jobs, backend.collector(rec, r, run_dir), round_dir, progress=cfg.progress)
+    return collect_round(jobs, backend.collector(rec, r, run_dir), round_dir, progress=cfg.progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,6 +533,7 @@ def round_jobs(cfg: LoopConfig, backend: LoopBackend, rec: Mapping[str, Any], r:
     from dataclasses import replace
 
     from .collect import plan_jobs
+    from .rounds import per_sample
 
     if not explores_in_pairs(cfg, backend):
         jobs = plan_jobs(prompts, payloads, cfg.seeds, cfg.seed_start, r, rec["strength"], cfg.batch,
@@ -512,16 +543,7 @@ def round_jobs(cfg: LoopConfig, backend: LoopBackend, rec: Mapping[str, Any], r:
                          cfg.batch // 2 if cfg.batch else None, rec["controlnet"])
         jobs = [replace(j, seeds=tuple(s for s in j.seeds for _ in range(2))) for j in half]
     draw = rec.get("schedule_draw")
-    if not draw:
-        return jobs
-    lines, out, n = draw["keyframes"], [], 0
-    if len(lines) != sum(len(j.seeds) for j in jobs):
-        raise QRRLError(f"round {r}: {len(lines)} drawn strength curves for {sum(len(j.seeds) for j in jobs)} "
-                        "samples; the run's sampling settings changed since it started")
-    for j in jobs:
-        out.append(replace(j, keyframes=tuple(lines[n:n + len(j.seeds)])))
-        n += len(j.seeds)
-    return out
+    return per_sample(jobs, draw["keyframes"]) if draw else jobs
 
 
 def _schedule_path(run_dir: Path, r: int) -> Path:
@@ -549,53 +571,28 @@ def schedule_before(cfg: LoopConfig, backend: LoopBackend, run_dir: Path, r: int
 
 def draw_schedule(cfg: LoopConfig, backend: LoopBackend, run_dir: Path, r: int, strength: float,
                   jobs: Sequence[Any]) -> dict[str, Any]:
-    """Each sample's curve around ``strength``: the offsets δ (what the update needs) and the
-    keyframes line the sampler follows: one keyframe per step at its ComfyUI percent where the
-    backend knows them (exact), else the curve's two ends at progress 0 and 1 (linear between)."""
+    """Each sample's curve around ``strength`` (rl.rounds.draw_curves): the offsets δ (what the
+    update needs) and the keyframes line the sampler follows."""
     import numpy as np
 
-    from .collect import keyframes_line
+    from .rounds import draw_curves
 
-    policy = schedule_before(cfg, backend, run_dir, r)
-    n = sum(len(j.seeds) for j in jobs)
-    strengths, delta = policy.draw(n, strength, np.random.default_rng([cfg.seed_start, 2000 + r]),
-                                   mirrored=explores_in_pairs(cfg, backend))
-    percents = getattr(backend, "step_percents", lambda: None)()
-    if percents:
-        lines = [keyframes_line(percents, row) for row in strengths.tolist()]
-    else:
-        lines = [keyframes_line([0.0, 1.0], [row[0], row[-1]]) for row in strengths.tolist()]
-    return {"delta": delta.tolist(), "keyframes": lines, "mirrored": explores_in_pairs(cfg, backend),
-            "log_gain": [float(v) for v in policy.log_gain], "mean_strength": float(strengths.mean())}
+    draw = draw_curves(schedule_before(cfg, backend, run_dir, r), sum(len(j.seeds) for j in jobs), strength,
+                       np.random.default_rng([cfg.seed_start, 2000 + r]), explores_in_pairs(cfg, backend),
+                       getattr(backend, "step_percents", lambda: None)())
+    return draw.record()
 
 
 def update_schedule(cfg: LoopConfig, backend: LoopBackend, rec: Mapping[str, Any], r: int, run_dir: Path,
                     jobs: Sequence[Any]) -> dict[str, Any]:
-    """One PGPE step of the curve from round ``r``'s shards, as the demo takes it: rewards per
-    sample (matched to the drawn δ by job and batch index), advantages per (prompt, payload)."""
-    import torch
+    """One PGPE step of the curve from round ``r``'s shards, as the demo takes it (rl.rounds):
+    rewards per sample in job order (the order the δ were drawn), advantages per (prompt, payload)."""
+    from .rounds import advantages, read_round, update_curve
 
-    from .collect import Manifest
-    from .ddpo import compute_advantages, group_key
-    from .trajectory import read_shard
-
-    manifest = Manifest(run_dir / "rounds" / f"r{r:03d}" / "manifest.json")
-    by_key = {e["key"]: e for e in manifest.entries}
-    rewards: list[float] = []
-    keys: list[Any] = []
-    for job in jobs:
-        if job.key not in by_key:
-            raise QRRLError(f"round {r}: job {job.index} has no shard in {manifest.path}; run the loop again to collect it")
-        traj = read_shard(manifest.resolve(by_key[job.key]["path"]))
-        reward = torch.where(traj.reward_finite, traj.reward.float(), torch.tensor(float("nan")))
-        rewards.extend(reward.tolist())
-        keys.extend(group_key(job.prompt, job.payload, float(rec["strength"])) for _ in job.seeds)
-    delta = torch.tensor(rec["schedule_draw"]["delta"], dtype=torch.float32)
-    if delta.shape[0] != len(rewards):
-        raise QRRLError(f"round {r}: {delta.shape[0]} drawn curves for {len(rewards)} samples in the shards")
-    adv = compute_advantages(torch.tensor(rewards), keys, min_group_size=max(2, cfg.seeds))
+    samples = read_round(run_dir / "rounds" / f"r{r:03d}", jobs)
+    adv = advantages(samples, min_group_size=max(2, cfg.seeds))
     policy = schedule_before(cfg, backend, run_dir, r)
-    stats = policy.update(delta, adv.values, adv.mask)
+    stats = update_curve(policy, rec["schedule_draw"]["delta"], adv)
     percents = getattr(backend, "step_percents", lambda: None)()
     policy.save(_schedule_path(run_dir, r), base=float(rec["strength"]), positions=percents)
     policy.save(run_dir / "schedule.json", base=float(rec["strength"]), positions=percents)
@@ -606,22 +603,14 @@ def update_schedule(cfg: LoopConfig, backend: LoopBackend, rec: Mapping[str, Any
 
 def _train_round(cfg: LoopConfig, backend: LoopBackend, rec: dict[str, Any], r: int, round_dir: Path,
                  base_cn: Mapping[str, str], say) -> Path:
-    from .train import TrainConfig, train
+    from .rounds import train_config, train_round
 
-    shards = [str(p) for p in _manifest_paths(round_dir)]
     checkpoint, unet_cfg, cn_cfg = backend.trainer_models()
-    tc = TrainConfig(
-        trajectories=shards, checkpoint=checkpoint, controlnet=rec["controlnet_path"],
-        out=round_dir / "train" / "controlnet.safetensors", run_dir=round_dir / "train" / "run",
-        unet_config=unet_cfg, controlnet_config=cn_cfg, mode=cfg.mode, lora_rank=cfg.lora_rank, lr=cfg.lr,
-        epochs=cfg.epochs, clip_range=cfg.clip_range, timestep_fraction=cfg.timestep_fraction, steps_from=cfg.steps_from, kl_coef=cfg.kl_coef,
-        anchor_decay=cfg.anchor_decay, anchor_controlnet=base_cn["path"] if cfg.anchor_decay > 0 else None,
-        step_weighting=cfg.step_weighting, batch_size=cfg.train_batch_size, grad_accum=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-        resume=True, seed=cfg.train_seed + r, run_name=cfg.name, round=r, export_dtype=cfg.export_dtype,
-        cpu=cfg.cpu, progress=cfg.progress,
-    )
-    result = train(tc, log=lambda m: say(f"train: {m}"))
-    return Path(result.out)
+    tc = train_config(cfg.train, r, shards=_manifest_paths(round_dir), checkpoint=checkpoint,
+                      controlnet=rec["controlnet_path"], out=round_dir / "train" / "controlnet.safetensors",
+                      anchor=base_cn["path"], run_dir=round_dir / "train" / "run", unet_config=unet_cfg,
+                      controlnet_config=cn_cfg, resume=True, run_name=cfg.name, progress=cfg.progress)
+    return Path(train_round(tc, log=lambda m: say(f"train: {m}")).out)
 
 
 # --------------------------------------------------------------------------------------------

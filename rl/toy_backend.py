@@ -1,7 +1,8 @@
 """The toy wing's :class:`rl.collect.Backend`: the embedded toy model sampled in-process.
 
 Why it exists: ``qr-rl loop --backend local`` and ``qr-rl collect --backend local`` run the
-whole loop on a CPU with no ComfyUI, through the very code paths the ComfyUI backend uses.
+whole loop on a CPU with no ComfyUI, through the very code paths the ComfyUI backend uses, and
+``qr-rl demo`` collects its rounds through it (rl.rounds), with the sampler's tricks and the art budget.
 Samples come from the trainer's own denoiser (``Policy.denoise`` + ``rl.sampling``), are scored
 with the real scan and CLIP rewards, and are written with ``rl.trajectory.write_shard``.
 The product modules never import this one; ``rl.loop`` finds it by name in ``BACKENDS``.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,28 +34,56 @@ def default_prompts() -> list[str]:
     return list(DEMO_PROMPTS[:2])
 
 
+@dataclass
+class ToyScoring:
+    """How the toy backend scores a sample: scan + ``clip_weight`` × art, and the art budget's terms.
+
+    ``art_floor`` (an absolute art similarity) adds a per-sample hinge below it, weighted
+    ``art_floor_weight``; ``budget`` (:class:`rl.art_budget.ArtBudget`) prices art against paired
+    floors: ``budget_fraction`` × the art of the *pretrained* ControlNet at the job's base strength
+    for the same prompt, payload and seed (sampled here, which only an in-process backend can afford).
+    """
+
+    clip_weight: float = 0.5
+    art_floor: float | None = None
+    art_floor_weight: float = 10.0
+    budget: Any = None
+    budget_fraction: float = 0.95
+
+
 class LocalToyBackend:
-    """In-process collection with the embedded toy model (``rl.toy``), no ComfyUI needed."""
+    """In-process collection with the embedded toy model (``rl.toy``), no ComfyUI needed.
+
+    The sampler's tricks (``feedback``: rl.module_feedback, ``luma_control``, ``guidance``:
+    rl.scan_guidance) and ``scoring`` are the demo's; ``qr-rl loop --backend local`` uses the
+    plain sampler and scan + art. ``extra_meta`` adds keys to every shard's metadata.
+    """
 
     name = "local"
 
     def __init__(self, model_folder: str | os.PathLike[str] | None = None,
                  controlnet: str | os.PathLike[str] | None = None, steps: int | None = None,
-                 clip_weight: float = 0.5, run_name: str = "qr-rl"):
+                 clip_weight: float = 0.5, run_name: str = "qr-rl", *, model: Any = None,
+                 controlnet_module: Any = None, feedback: Any = None, luma_control: bool = False,
+                 guidance: Any = None, scoring: ToyScoring | None = None, scorer: Any = None,
+                 extra_meta: Mapping[str, Any] | None = None):
         from .toy import ToyModel
 
-        self.model = ToyModel.load(model_folder)
+        self.model = model if model is not None else ToyModel.load(model_folder)
         self.model_folder = self.model.folder
         self.controlnet_path = Path(controlnet) if controlnet else self.model.controlnet_path
-        self.controlnet_module = None
-        if controlnet:
+        self.controlnet_module = controlnet_module
+        if controlnet and controlnet_module is None:
             from .weights import load_controlnet
 
             self.controlnet_module = load_controlnet(controlnet, self.model.controlnet_config_path).requires_grad_(False)
         self.steps = steps
-        self.clip_weight = float(clip_weight)
+        self.scoring = scoring if scoring is not None else ToyScoring(clip_weight=float(clip_weight))
+        self.clip_weight = self.scoring.clip_weight
+        self.feedback, self.luma_control, self.guidance = feedback, bool(luma_control), guidance
         self.run_name = run_name
-        self._scorer = None
+        self.extra_meta = dict(extra_meta or {})
+        self._scorer = scorer
 
     @property
     def checkpoint_path(self) -> Path:
@@ -81,13 +111,49 @@ class LocalToyBackend:
             raise QRRLError(f"job {job.index}: {len(job.keyframes)} keyframes lines for {len(job.seeds)} samples")
         return keyframes_table(job.keyframes, self.step_percents()), None
 
-    def run(self, jobs: Sequence[Job], shards_dir: Path, on_done: Callable[[Job, JobResult], None],
-            progress: Callable[[dict[str, Any]], None] | None = None) -> None:
-        from .image_io import save_png
-        from .reward import combine_rewards
+    def _feedback_gains(self, job: Job):
+        import torch
+
+        if not job.feedback_gains:
+            return None
+        if self.feedback is None:
+            raise QRRLError(f"job {job.index} draws module-feedback gains, but this backend samples without "
+                            "module feedback")
+        if len(job.feedback_gains) != len(job.seeds):
+            raise QRRLError(f"job {job.index}: {len(job.feedback_gains)} feedback gain pairs for "
+                            f"{len(job.seeds)} samples")
+        return torch.tensor(job.feedback_gains, dtype=torch.float32)
+
+    def score(self, job: Job, images, codes, base):
+        """The job's :class:`rl.reward.Reward` (``scoring``'s terms)."""
+        from .reward import combine_rewards, floor_penalty
         from .scan import scan_reward
         from .toy import images_hwc_uint8, sample
-        from .toy_world import parse_prompt, toy_code
+
+        sc, n = self.scoring, len(job.seeds)
+        prompts = [job.prompt] * n
+        scan = scan_reward(images_hwc_uint8(images), codes)
+        art = self.model.art_reward(images, prompts, base, self._scorer)
+        parts, weights = [scan, art], [1.0, sc.clip_weight]
+        if sc.art_floor is not None:
+            parts.append(floor_penalty(art.components["clip_image"], sc.art_floor))
+            weights.append(sc.art_floor_weight)
+        if sc.budget is not None:  # paired: the pretrained ControlNet's art for the same items, × the fraction
+            plain = sample(self.model, prompts, codes, list(job.seeds), job.strength, steps=self.steps,
+                           record=False).images
+            floors = sc.budget_fraction * self.model.art_reward(plain, prompts, base, self._scorer).components["clip_image"]
+            parts.append(sc.budget.reward(art.components["clip_image"], floors=floors))
+            weights.append(1.0)
+        return combine_rewards(parts, weights)
+
+    def run(self, jobs: Sequence[Job], shards_dir: Path, on_done: Callable[[Job, JobResult], None],
+            progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+        import torch
+
+        from .image_io import save_png
+        from .luma_control import projection_meta
+        from .toy import images_hwc_uint8, sample
+        from .toy_world import LATENT_FACTOR, parse_prompt, toy_code
         from .trajectory import Trajectory, write_shard
 
         base_sha = sha256_file(self.model.unet_path)
@@ -97,25 +163,34 @@ class LocalToyBackend:
         for job in jobs:
             parse_prompt(job.prompt)
             n = len(job.seeds)
-            code = toy_code(job.payload)
+            codes = [toy_code(job.payload)] * n
             strength, schedule = self.job_strengths(job)
-            out = sample(self.model, [job.prompt] * n, [code] * n, list(job.seeds), strength,
-                         controlnet=self.controlnet_module, steps=self.steps)
+            gains = self._feedback_gains(job)
+            out = sample(self.model, [job.prompt] * n, codes, list(job.seeds), strength,
+                         controlnet=self.controlnet_module, steps=self.steps, feedback=self.feedback,
+                         feedback_gains=gains, luma_control=self.luma_control, guidance=self.guidance)
             base = sample(self.model, [job.prompt] * n, None, list(job.seeds), 0.0, steps=self.steps,
                           record=False).images
-            scan = scan_reward(images_hwc_uint8(out.images), code)
-            art = self.model.art_reward(out.images, [job.prompt] * n, base, self._scorer)
-            reward = combine_rewards([scan, art], [1.0, self.clip_weight])
+            reward = self.score(job, out.images, codes, base)
             info = self.model.info
+            fb = self.feedback
             per_sample = {"strength_schedules": [{"curve": "keyframes", "keyframes": line} for line in job.keyframes]}
             meta = (per_sample if job.keyframes else {}) | {
                 "cfg": float(info["sampling"]["cfg"]), "scheduler": info["sampling"].get("scheduler", "simple-sd"),
                 "sampler": "qr_rl_toy", "prompts": [job.prompt] * n, "payloads": [job.payload] * n,
-                "qr": [{"payload": job.payload, "version": int(code.version), "ecc": str(code.ecc)}] * n,
+                "qr": [c.to_metadata() for c in codes],
                 "strength_schedule": schedule,
+                # each sample's gains; the per-step gain maps themselves are the shard's strength_map
+                "module_feedback": None if fb is None else {
+                    "margin": fb.margin, "softness": fb.softness, "ramp": fb.ramp,
+                    "gains": (torch.tensor([fb.gains()] * n) if gains is None else gains).tolist()},
+                # which luma-only control the sampler used (rl.luma_control): the trainer rebuilds it to replay
+                "luma_control": projection_meta(LATENT_FACTOR) if self.luma_control else None,
+                # scan guidance edits the recorded predictions: rwr distils them, ddpo refuses them
+                "scan_guidance": None if self.guidance is None else self.guidance.to_meta(),
                 "base_sha256": base_sha, "controlnet_sha256": cn_sha, "curriculum_round": job.round,
                 "base_file": str(self.model.unet_path), "controlnet_file": str(self.controlnet_path),
-            }
+            } | self.extra_meta
             traj = Trajectory.from_record(out.record, timestep=out.timesteps, cond=out.cond, uncond=out.uncond,
                                           hint=out.hints, reward=reward, meta=meta)
             tmp_dir = shards_dir / ".local"

@@ -113,14 +113,14 @@ def test_demo_without_shards_keeps_the_controlnet(tmp_path):
 
 def test_bad_trainer_options_are_refused_before_any_sampling(tmp_path):
     """The demo checks the trainer options the way `qr-rl train` does, before its first round."""
-    from rl.demo import DemoConfig
+    from rl.demo import DemoConfig, demo_trainer
     from rl.errors import QRRLError
 
     with pytest.raises(QRRLError, match="anchor-decay needs --mode"):
-        DemoConfig(out=tmp_path, mode="lora", anchor_decay=0.1).validate()
+        DemoConfig(out=tmp_path, train=demo_trainer(mode="lora", anchor_decay=0.1)).validate()
     with pytest.raises(QRRLError, match="--mode must be one of"):
-        DemoConfig(out=tmp_path, mode="zero-convs").validate()
-    DemoConfig(out=tmp_path, mode="zero_convs", anchor_decay=0.05).validate()
+        DemoConfig(out=tmp_path, train=demo_trainer(mode="zero-convs")).validate()
+    DemoConfig(out=tmp_path, train=demo_trainer(mode="zero_convs", anchor_decay=0.05)).validate()
 
 
 def test_schedule_only_and_plain_runs(tmp_path):
@@ -128,7 +128,7 @@ def test_schedule_only_and_plain_runs(tmp_path):
     --no-learn-schedule --train-controlnet is constant-strength DDPO, here with module feedback and
     luma-only control, whose recorded gain maps and projection the trainer replays exactly."""
     from rl.cli import main
-    from rl.demo import DemoConfig
+    from rl.demo import DemoConfig, demo_trainer
     from rl.errors import QRRLError
     from rl.trajectory import read_shard
 
@@ -166,7 +166,7 @@ def test_schedule_only_and_plain_runs(tmp_path):
     with pytest.raises(QRRLError, match="nothing to learn"):
         DemoConfig(out=tmp_path, learn_schedule=False, train_controlnet=False).validate()
     with pytest.raises(QRRLError, match="objective"):
-        DemoConfig(out=tmp_path, objective="hope").validate()
+        DemoConfig(out=tmp_path, train=demo_trainer(objective="hope")).validate()
     with pytest.raises(QRRLError, match="art-floor"):
         DemoConfig(out=tmp_path, art_floor=1.5).validate()
     with pytest.raises(QRRLError, match="art-price-lr"):
@@ -176,7 +176,8 @@ def test_schedule_only_and_plain_runs(tmp_path):
     with pytest.raises(QRRLError, match="schedule-shape"):
         DemoConfig(out=tmp_path, schedule_shape="wiggly").validate()
     with pytest.raises(QRRLError, match="steps-from"):
-        DemoConfig(out=tmp_path, train_controlnet=True, module_feedback=False, steps_from=1.0).validate()
+        DemoConfig(out=tmp_path, train_controlnet=True, module_feedback=False,
+                   train=demo_trainer(steps_from=1.0)).validate()
     with pytest.raises(QRRLError, match="average-last"):
         DemoConfig(out=tmp_path, average_last=0.0).validate()
     with pytest.raises(QRRLError, match="gains must be >= 0"):
@@ -231,28 +232,40 @@ def test_curriculum_starts_where_most_samples_scan():
     assert model.demo_strength < model.curriculum_start <= model.high_strength
 
 
-def test_demo_config_file_documents_every_default(tmp_path):
-    """configs/demo.toml lists the demo's settings at their defaults (one default per setting), a file
-    can change them, unknown keys are refused, and --help shows only the few everyday flags."""
+def test_demo_config_file_documents_every_default(tmp_path, capsys):
+    """configs/demo.toml lists the demo's settings at their defaults (one default per setting; the
+    trainer's in [demo.train]), a file can change them, the flat trainer keys of earlier releases
+    still work with a warning, unknown keys are refused, and --help shows only the few everyday flags."""
     import subprocess
     import sys
-    from dataclasses import fields
+    from dataclasses import asdict, fields
     from pathlib import Path
 
-    from rl.demo import DemoConfig
+    from rl.demo import DEMO_FIXED, DemoConfig
     from rl.errors import QRRLError
+    from rl.rounds import TrainerSettings
 
     shipped = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
     settings = DemoConfig.toml_settings(shipped)
     defaults = DemoConfig(out=tmp_path)
+    train = settings.pop("train")
     assert settings and all(getattr(defaults, k) == v for k, v in settings.items()), settings
-    optional = {"out", "model", "start_strength", "strength", "threads", "progress"}  # commented or run-time
+    assert train and all(getattr(defaults.train, k) == v for k, v in train.items()), train
+    optional = {"out", "model", "start_strength", "strength", "threads", "progress", "train"}  # commented or run-time
     assert {f.name for f in fields(DemoConfig)} - optional <= set(settings)
+    assert set(TrainerSettings.keys()) - set(DEMO_FIXED) <= set(train)
     mine = tmp_path / "mine.toml"
-    mine.write_text('[demo]\nrounds = 3\nfeedback-high = 2.5\n')
-    assert DemoConfig.toml_settings(mine) == {"rounds": 3, "feedback_high": 2.5}
+    mine.write_text('[demo]\nrounds = 3\nfeedback-high = 2.5\n[demo.train]\nlr = 3e-4\n')
+    assert DemoConfig.toml_settings(mine) == {"rounds": 3, "feedback_high": 2.5, "train": {"lr": 3e-4}}
+    mine.write_text('rounds = 3\nlr = 3e-4\ntrain_batch_size = 8\n')  # the flat keys of earlier releases
+    assert DemoConfig.toml_settings(mine) == {"rounds": 3, "train": {"lr": 3e-4, "batch_size": 8}}
+    assert "'train_batch_size' is deprecated: set it as 'batch_size' in the [demo.train] table" in capsys.readouterr().err
+    assert asdict(DemoConfig(out=tmp_path).train)["objective"] == "rwr"
     mine.write_text('rounds = 3\nwobble = 1\n')
     with pytest.raises(QRRLError, match="unknown demo settings .*wobble"):
+        DemoConfig.toml_settings(mine)
+    mine.write_text('[train]\ncpu = false\n')  # the demo fixes it
+    with pytest.raises(QRRLError, match="unknown demo settings .*train.cpu"):
         DemoConfig.toml_settings(mine)
     helptext = subprocess.run([sys.executable, "-m", "rl", "demo", "--help"], capture_output=True, text=True).stdout
     assert "--config" in helptext and "--feedback-low" not in helptext and len(helptext.splitlines()) < 50

@@ -15,7 +15,7 @@ import pytest
 from test_collect import TOY_PROMPT, tiny_toy  # noqa: F401 - session fixture
 
 from rl.errors import QRRLError
-from rl.loop import LoopConfig, next_strength, run_lock, run_loop
+from rl.loop import LoopConfig, loop_trainer, next_strength, run_lock, run_loop
 from rl.schedule import Curriculum
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cfg(toy: Path, run_dir: Path, **kw) -> LoopConfig:
     base = dict(backend="local", toy_model=str(toy), run_dir=str(run_dir), rounds=2, prompts=[TOY_PROMPT],
-                payloads=["QR-RL"], seeds=4, batch=2, steps=3, epochs=1, start_strength=1.0, end_strength=0.5,
-                threads=1, progress=False, cpu=True)
+                payloads=["QR-RL"], seeds=4, batch=2, steps=3, train=loop_trainer(epochs=1, cpu=True),
+                start_strength=1.0, end_strength=0.5, threads=1, progress=False)
     base.update(kw)
     return LoopConfig(**base)
 
@@ -32,8 +32,8 @@ def _cfg(toy: Path, run_dir: Path, **kw) -> LoopConfig:
 def _args(cfg: LoopConfig) -> list[str]:
     return ["--backend", "local", "--toy-model", cfg.toy_model, "--run-dir", cfg.run_dir, "--rounds", str(cfg.rounds),
             "--prompt", TOY_PROMPT, "--payload", "QR-RL", "--seeds", "4", "--batch", "2", "--steps", "3",
-            "--epochs", "1", "--start-strength", "1.0", "--end-strength", "0.5", "--threads", "1", "--no-progress",
-            "--cpu"]
+            "--train-epochs", "1", "--start-strength", "1.0", "--end-strength", "0.5", "--threads", "1", "--no-progress",
+            "--train-cpu"]
 
 
 # ---------------------------------------------------------------- config
@@ -77,15 +77,37 @@ def test_config_validation_messages(tmp_path):
     with pytest.raises(QRRLError, match="high → low"):
         LoopConfig(backend="local", start_strength=0.5, end_strength=1.0).validate()
     with pytest.raises(QRRLError, match="lora, full, zero_convs"):
-        LoopConfig(backend="local", mode="zero-convs").validate()
+        LoopConfig(backend="local", train=loop_trainer(mode="zero-convs")).validate()
     with pytest.raises(QRRLError, match="step-weighting"):
-        LoopConfig(backend="local", step_weighting="sigma").validate()
-    LoopConfig(backend="local", mode="zero_convs", step_weighting="none").validate()
+        LoopConfig(backend="local", train=loop_trainer(step_weighting="sigma")).validate()
+    LoopConfig(backend="local", train=loop_trainer(mode="zero_convs", step_weighting="none")).validate()
     with pytest.raises(QRRLError, match="anchor-decay"):
-        LoopConfig(backend="local", mode="lora", anchor_decay=0.1).validate()
+        LoopConfig(backend="local", train=loop_trainer(mode="lora", anchor_decay=0.1)).validate()
     with pytest.raises(QRRLError, match="anchor-decay"):
-        LoopConfig(backend="local", mode="full", anchor_decay=-0.1).validate()
-    LoopConfig(backend="local", mode="zero_convs", anchor_decay=0.05).validate()
+        LoopConfig(backend="local", train=loop_trainer(mode="full", anchor_decay=-0.1)).validate()
+    LoopConfig(backend="local", train=loop_trainer(mode="zero_convs", anchor_decay=0.05)).validate()
+
+
+def test_trainer_settings_nest_and_the_flat_keys_still_work(tmp_path, capsys):
+    """The trainer's settings live in ``train`` ([train] / --train-<key>); the flat keys and flags of
+    earlier releases map onto them with a warning naming the new key, and flags win over the file."""
+    from rl.cli import build_parser
+    from rl.commands.loop import config_from_args
+
+    cfg = tmp_path / "loop.toml"
+    cfg.write_text('rounds = 2\nlr = 3e-4\ntrain_batch_size = 4\n[train]\nmode = "full"\n')
+    c = config_from_args(build_parser().parse_args(["loop", "--config", str(cfg), "--train-epochs", "3"]))
+    assert (c.train.lr, c.train.batch_size, c.train.mode, c.train.epochs) == (3e-4, 4, "full", 3)
+    err = capsys.readouterr().err
+    assert "'lr' is deprecated: set 'train.lr'" in err and "'train_batch_size' is deprecated: set 'train.batch_size'" in err
+    c = config_from_args(build_parser().parse_args(["loop", "--config", str(cfg), "--lr", "5e-4", "--cpu",
+                                                    "--epochs", "1"]))
+    assert (c.train.lr, c.train.cpu, c.train.epochs) == (5e-4, True, 1)  # the flag wins over the file
+    err = capsys.readouterr().err
+    assert "--lr is deprecated: use --train-lr" in err and "--cpu is deprecated: use --train-cpu" in err
+    assert LoopConfig().train.epochs == 2 and LoopConfig().train.lr == loop_trainer().lr  # the loop's own default
+    with pytest.raises(QRRLError, match="unknown trainer keys .*'rate'"):
+        LoopConfig.from_mapping({"train": {"rate": 1}})
 
 
 # ---------------------------------------------------------------- curriculum

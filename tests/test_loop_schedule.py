@@ -12,15 +12,16 @@ import torch
 from test_collect import TOY_PROMPT, tiny_toy  # noqa: F401 - session fixture
 
 from rl.collect import Job, keyframes_line, keyframes_table
-from rl.loop import LoopConfig, loop_backend, round_jobs, run_loop
+from rl.loop import LoopConfig, loop_backend, loop_trainer, round_jobs, run_loop
 from rl.schedule_policy import SchedulePolicy
 from rl.trajectory import read_shard
 
 
 def _cfg(toy: Path, run_dir: Path, **kw) -> LoopConfig:
     base = dict(backend="local", toy_model=str(toy), run_dir=str(run_dir), rounds=2, prompts=[TOY_PROMPT],
-                payloads=["QR-RL"], seeds=4, batch=2, steps=3, epochs=1, start_strength=1.0, end_strength=0.5,
-                threads=1, progress=False, cpu=True, learn_schedule=True, schedule_sigma=0.3)
+                payloads=["QR-RL"], seeds=4, batch=2, steps=3, train=loop_trainer(epochs=1, cpu=True),
+                start_strength=1.0, end_strength=0.5, threads=1, progress=False, learn_schedule=True,
+                schedule_sigma=0.3)
     base.update(kw)
     return LoopConfig(**base)
 

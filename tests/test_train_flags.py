@@ -109,8 +109,16 @@ def test_train_flag_values_are_checked_by_argparse(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def _loop_defaults() -> dict:
+    """LoopConfig's defaults, its trainer settings as ``train.<key>`` (the flag table's fields)."""
+    out = _defaults(LoopConfig)
+    for k, v in dataclasses.asdict(out.pop("train")).items():
+        out[f"train.{k}"] = v
+    return out
+
+
 def test_every_loop_setting_has_one_flag_and_its_help_states_the_dataclass_default():
-    defaults = _defaults(LoopConfig)
+    defaults = _loop_defaults()
     fields = [f for f, *_ in loop_cmd.OPTIONS]
     assert sorted(fields) == sorted(defaults) and len(set(fields)) == len(fields)
     wrong = []
@@ -122,19 +130,13 @@ def test_every_loop_setting_has_one_flag_and_its_help_states_the_dataclass_defau
     assert [w for w in wrong if w] == []
 
 
-#: LoopConfig's trainer settings whose default is the loop's own, not TrainConfig's (and why).
-LOOP_OWN_DEFAULTS = {
-    "epochs": "each round trains on that round's shards only: 2 passes, not a whole run's 4",
-}
-#: LoopConfig field → the TrainConfig field it is passed to, where the names differ.
-LOOP_TO_TRAIN = {"train_batch_size": "batch_size", "train_seed": "seed"}
-
-
 def test_the_loops_trainer_settings_default_to_the_trainers_unless_listed():
-    loop, train = _defaults(LoopConfig), _defaults(TrainConfig)
-    shared = {k: LOOP_TO_TRAIN.get(k, k) for k in loop if LOOP_TO_TRAIN.get(k, k) in train}
-    assert {"lr", "lora_rank", "clip_range", "epochs", "train_batch_size"} <= set(shared)
-    drift = {k: (loop[k], train[t]) for k, t in shared.items()
-             if k not in LOOP_OWN_DEFAULTS and None not in (loop[k], train[t]) and loop[k] != train[t]}
+    """LoopConfig nests the trainer's settings (rl.rounds.TrainerSettings, TrainConfig's defaults);
+    the loop overrides only what rl.loop.LOOP_TRAINER lists, and each override differs."""
+    from rl.loop import LOOP_TRAINER
+
+    loop, train = dataclasses.asdict(LoopConfig().train), _defaults(TrainConfig)
+    assert {"lr", "lora_rank", "clip_range", "epochs", "batch_size"} <= set(loop) <= set(train)
+    drift = {k: (v, train[k]) for k, v in loop.items() if k not in LOOP_TRAINER and v != train[k]}
     assert drift == {}, f"loop defaults drifted from the trainer's: {drift}"
-    assert all(loop[k] != train[shared[k]] for k in LOOP_OWN_DEFAULTS), "an override that no longer differs"
+    assert all(loop[k] == v != train[k] for k, v in LOOP_TRAINER.items()), "an override that no longer differs"

@@ -115,6 +115,10 @@ VISIBLE = {"help", "out", "config", "quick", "model", "rounds", "curriculum", "o
            "threads", "no_progress"}
 
 
+#: The flags that set the trainer's settings (``DemoConfig.train``).
+TRAINER_FLAGS = ("objective", "mode", "lr", "anchor_decay", "epochs", "steps_from")
+
+
 def hide_advanced(p: argparse.ArgumentParser) -> None:
     """Hide the advanced flags from --help (they moved to the --config file)."""
     for action in p._actions:
@@ -126,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import require_extra
 
     require_extra("train")  # the toy model is a diffusers UNet; the report is drawn with matplotlib
-    from ..demo import DemoConfig, run_demo
+    from ..demo import DemoConfig, demo_trainer, run_demo
 
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
              "eval_samples", "clip_weight", "objective", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",
@@ -139,7 +143,10 @@ def run(args: argparse.Namespace) -> int:
     if moved:
         print(f"qr-rl demo: note: {', '.join('--' + n.replace('_', '-') for n in moved)} will leave the command line "
               "in the next release; set them in a --config file (configs/demo.toml lists every key)", file=sys.stderr)
-    kw = (DemoConfig.toml_settings(args.config) if args.config else {}) | kw
+    settings = DemoConfig.toml_settings(args.config) if args.config else {}
+    train = dict(settings.pop("train", {}))  # the trainer's settings: [demo.train], then the flags
+    train |= {n: kw.pop(n) for n in list(kw) if n in TRAINER_FLAGS}
+    kw = settings | kw | ({"train": demo_trainer(**train)} if train else {})
     kw["progress"] = not args.no_progress
     cfg = DemoConfig.quick(args.out, **kw) if args.quick else DemoConfig(out=args.out, **kw)
     run_demo(cfg)

@@ -10,7 +10,53 @@ import argparse
 
 from ._flags import Option, add_options, given
 
-#: (LoopConfig field, flag, argparse keywords), one row per setting (rl/commands/_flags.py).
+#: The loop's help where its trainer default or meaning differs from ``qr-rl train``'s.
+_LOOP_TRAIN_HELP = {
+    "epochs": "passes over each round's shards (default 2)",
+    "anchor_decay": "after each optimizer step pull the weights this fraction of the way back toward the loop's "
+                    "starting ControlNet (default 0 = off; full and zero_convs modes)",
+    "seed": "trainer seed; round k trains with seed + k (default 0)",
+}
+
+
+def _train_options() -> list[Option]:
+    """``--train-<key>`` for every :class:`rl.rounds.TrainerSettings` field (``dest`` ``train.<key>``),
+    with ``qr-rl train``'s help text: one help per setting."""
+    from dataclasses import fields
+
+    from ..rounds import TrainerSettings
+    from .train import OPTIONS as TRAIN_OPTIONS
+
+    rows = {field: kw for field, _flag, kw in TRAIN_OPTIONS}
+    out: list[Option] = []
+    for f in fields(TrainerSettings):
+        kw = dict(rows[f.name])
+        if f.name in _LOOP_TRAIN_HELP:
+            kw["help"] = _LOOP_TRAIN_HELP[f.name]
+        if "action" not in kw and "choices" not in kw:
+            kw["metavar"] = f.name.upper()
+        out.append((f"train.{f.name}", "--train-" + f.name.replace("_", "-"), kw))
+    return out
+
+
+def _deprecated_options(train_rows: list[Option]) -> list[Option]:
+    """The flat trainer flags of earlier releases (``--lr``, ``--mode``, ...), hidden from --help;
+    ``LoopConfig.from_mapping`` warns about each one given and names its new flag."""
+    from ..loop import DEPRECATED_TRAIN_KEYS
+
+    new = {field: kw for field, _flag, kw in train_rows}
+    out: list[Option] = []
+    for old, key in DEPRECATED_TRAIN_KEYS.items():
+        flag = "--" + old.replace("_", "-")
+        if flag == "--train-" + key.replace("_", "-"):
+            continue  # --train-batch-size and --train-seed kept their names
+        kw = {k: v for k, v in new[f"train.{key}"].items() if k in ("type", "action", "choices")}
+        out.append((old, flag, kw | {"help": argparse.SUPPRESS}))
+    return out
+
+
+#: (LoopConfig field, flag, argparse keywords), one row per setting (rl/commands/_flags.py); the
+#: trainer's settings are ``train.<key>`` rows, ``--train-<key>`` flags.
 OPTIONS: list[Option] = [
     ("name", "--name", dict(help="run name: ControlNets are exported as <name>-r<k>.safetensors (default qr-rl)")),
     ("run_dir", "--run-dir", dict(
@@ -63,28 +109,12 @@ OPTIONS: list[Option] = [
      help="diffusers ControlNet config folder for a non-standard ControlNet")),
     ("toy_model", "--toy-model", dict(help="--backend local: toy model folder (default: the shipped one)")),
     ("steps", "--steps", dict(type=int, help="sampling steps (sets 'RL Sampler.steps' for ComfyUI)")),
-    ("mode", "--mode", dict(help="training mode: lora (default), full or zero_convs (output projections only)")),
-    ("lora_rank", "--lora-rank", dict(type=int, help="LoRA rank (default 8)")),
-    ("lr", "--lr", dict(type=float, help="learning rate (default 1e-4)")),
-    ("epochs", "--epochs", dict(type=int, help="training epochs per round (default 2)")),
-    ("train_batch_size", "--train-batch-size", dict(type=int, help="trainer micro-batch (sample·steps, default 8)")),
-    ("grad_accum", "--grad-accum", dict(type=int, help="gradient accumulation steps (default 1)")),
-    ("clip_range", "--clip-range", dict(type=float, help="PPO clip range (default 0.02)")),
-    ("timestep_fraction", "--timestep-fraction", dict(type=float,
-     help="fraction of steps trained per sample (default 0.5)")),
-    ("steps_from", "--steps-from", dict(type=float,
-     help="train only steps from this fraction of the trajectory on (default 0: all)")),
-    ("step_weighting", "--step-weighting", dict(help="per-step loss weights: none (default) or std")),
-    ("kl_coef", "--kl-coef", dict(type=float, help="KL penalty to the round's starting policy (default 0)")),
-    ("anchor_decay", "--anchor-decay", dict(type=float,
-     help="per-step pull of the trained weights toward the loop's starting ControlNet, 0-1 (default 0 = off)")),
-    ("mixed_precision", "--mixed-precision", dict(help="no, bf16 or fp16 (GPU)")),
-    ("export_dtype", "--export-dtype", dict(help="dtype of the exported ControlNet: fp16 (default), bf16, fp32")),
-    ("train_seed", "--train-seed", dict(type=int, help="trainer seed (round k uses seed + k)")),
-    ("cpu", "--cpu", dict(action="store_true", help="train on CPU even when a GPU exists")),
     ("threads", "--threads", dict(type=int, help="torch CPU threads (default: torch's)")),
     ("progress", "--no-progress", dict(action="store_false", help="hide progress bars")),
+    *_train_options(),
 ]
+#: The flat trainer flags of earlier releases, still accepted for one release (with a warning).
+DEPRECATED: list[Option] = _deprecated_options(OPTIONS)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -99,22 +129,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", default=None, help="TOML file with any of the options below (flags override it)")
     add_options(p, OPTIONS)
+    add_options(p, DEPRECATED)
     p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..loop import LoopConfig
+    """The TOML file (if any), then the flags given; ``train.<key>`` flags land in its ``train`` table."""
+    from ..loop import DEPRECATED_TRAIN_KEYS, LoopConfig
+    from ..loop import _deprecation as warn
 
-    data: dict = LoopConfig.load_toml(args.config) if args.config else {}
-    cfg_keys = {k.replace("-", "_") for k in data}
-    unknown = sorted(cfg_keys - set(LoopConfig.keys()))
-    if unknown:
-        from ..errors import QRRLError
-
-        raise QRRLError(f"{args.config}: unknown keys {unknown}; valid keys: {', '.join(LoopConfig.keys())}")
-    merged = {k.replace("-", "_"): v for k, v in data.items()}
-    merged.update(given(args, OPTIONS))
-    return LoopConfig.from_mapping(merged, source=args.config or "options")
+    data: dict = dict(LoopConfig.load_toml(args.config)) if args.config else {}
+    flat = {k.replace("-", "_"): v for k, v in data.items()}
+    train = dict(flat.pop("train", None) or {})
+    for old, value in given(args, DEPRECATED).items():
+        new = DEPRECATED_TRAIN_KEYS[old]
+        warn(f"--{old.replace('_', '-')} is deprecated: use --train-{new.replace('_', '-')} "
+             f"(TOML: train.{new})")
+        train[new] = value
+    for key, value in given(args, OPTIONS).items():
+        if key.startswith("train."):
+            train[key.removeprefix("train.")] = value
+        else:
+            flat[key] = value
+    return LoopConfig.from_mapping(flat | ({"train": train} if train else {}), source=args.config or "options")
 
 
 def run(args: argparse.Namespace) -> int:
