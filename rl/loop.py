@@ -606,10 +606,15 @@ def _train_round(cfg: LoopConfig, backend: LoopBackend, rec: dict[str, Any], r: 
     from .rounds import train_config, train_round
 
     checkpoint, unet_cfg, cn_cfg = backend.trainer_models()
+    # one AdamW for the run, as the demo: round r starts from round r-1's moments (a fresh one every
+    # round makes its first steps ≈ lr·sign(g) per weight, whatever the gradient)
+    prev = round_dir.parent / f"r{r - 1:03d}" / "train" / "run"
+    carried = prev if r > 0 and (prev / "checkpoint.safetensors").is_file() else None
     tc = train_config(cfg.train, r, shards=_manifest_paths(round_dir), checkpoint=checkpoint,
                       controlnet=rec["controlnet_path"], out=round_dir / "train" / "controlnet.safetensors",
                       anchor=base_cn["path"], run_dir=round_dir / "train" / "run", unet_config=unet_cfg,
-                      controlnet_config=cn_cfg, resume=True, run_name=cfg.name, progress=cfg.progress)
+                      controlnet_config=cn_cfg, resume=True, run_name=cfg.name, progress=cfg.progress,
+                      optimizer_from=carried)
     return Path(train_round(tc, log=lambda m: say(f"train: {m}")).out)
 
 

@@ -81,6 +81,9 @@ def test_learned_curve_per_sample_update_and_resume(tiny_toy, tmp_path):  # noqa
     after1 = SchedulePolicy.load(run_dir / "rounds" / "r001" / "schedule.json")
     assert after1.updates == 2
     assert json.loads((run_dir / "schedule.json").read_text())["log_gain"] == after1.to_dict()["log_gain"]
+    # one AdamW for the run: round 1's trainer starts from round 0's moments (rl.rounds, as the demo)
+    run1 = json.loads((run_dir / "rounds" / "r001" / "train" / "run" / "result.json").read_text())
+    assert Path(run1["data"]["optimizer_from"]) == run_dir / "rounds" / "r000" / "train" / "run"
 
 
 def test_comfy_backend_sends_one_line_per_sample(tmp_path):
