@@ -14,6 +14,7 @@ Arms (each a frontier: a sweep of the ControlNet strength):
                   at the budget it is "the untrained sampler at the setting that spends the budget";
   tuned-plain     the ControlNet ``qr-rl demo`` trained (rwr), loaded into a plain sampler: what
                   anyone gets from the exported file; one per training seed and recipe;
+  feedback, luma  each of the two tricks alone, untrained (``--single-tricks``);
   tuned-tricks    the same tuned file with module feedback + luma-only control;
   guided          scan guidance (rl.scan_guidance, the last step) on the untrained sampler: alone in a
                   plain sampler, and on top of the tricks;
@@ -61,8 +62,10 @@ def _items(n: int):
 
 
 def evaluate(model, scorer, strength, n: int, controlnet=None, tricks: bool = False, seed_shift: int = 0,
-             batch: int = 64, guided: bool = False) -> dict[str, list[float]]:
-    """Per-item decoded (0/1), scan score, CLIP art and held-out art at ``strength``."""
+             batch: int = 64, guided: bool = False, feedback: bool | None = None,
+             luma: bool | None = None) -> dict[str, list[float]]:
+    """Per-item decoded (0/1), scan score, CLIP art and held-out art at ``strength``. ``tricks`` turns
+    on module feedback and luma-only control together; ``feedback`` / ``luma`` override one of them."""
     import torch
 
     from rl.art_judge import structure_similarity
@@ -72,13 +75,15 @@ def evaluate(model, scorer, strength, n: int, controlnet=None, tricks: bool = Fa
 
     prompts, codes, seeds = _items(n)
     seeds = [s + seed_shift for s in seeds]
-    fb = DemoConfig(out=".").feedback() if tricks else None
+    feedback = tricks if feedback is None else feedback
+    luma = tricks if luma is None else luma
+    fb = DemoConfig(out=".").feedback() if feedback else None
     guidance = DemoConfig(out=".", scan_guidance=True).guidance() if guided else None
     out: dict[str, list[float]] = {"decoded": [], "scan": [], "art": [], "art_heldout": []}
     for i in range(0, n, batch):
         sl = slice(i, i + batch)
         imgs = sample(model, prompts[sl], codes[sl], seeds[sl], strength, controlnet=controlnet, record=False,
-                      feedback=fb, luma_control=tricks, guidance=guidance).images
+                      feedback=fb, luma_control=luma, guidance=guidance).images
         base = sample(model, prompts[sl], None, seeds[sl], 0.0, record=False).images
         scan = scan_reward(images_hwc_uint8(imgs), codes[sl])
         art = model.art_reward(imgs, prompts[sl], base, scorer).components["clip_image"]
@@ -124,6 +129,17 @@ def part_baselines(args, model, scorer) -> None:
                                                                               "seconds": time.perf_counter() - t0}
             _save(out, res)
             print(f"{key}: decode {np.mean(res[key]['decoded']):.3f} art {np.mean(res[key]['art']):.3f}", flush=True)
+    if args.single_tricks:  # each trick alone (issue 21: luma-only control next to module feedback)
+        for name, only in (("feedback", {"feedback": True, "luma": False}), ("luma", {"feedback": False, "luma": True})):
+            for s in TRICKS:
+                key = f"{name}@{s}"
+                if key not in res:
+                    t0 = time.perf_counter()
+                    res[key] = evaluate(model, scorer, s, args.items, **only) | {"strength": s,
+                                                                                 "seconds": time.perf_counter() - t0}
+                    _save(out, res)
+                    print(f"{key}: decode {np.mean(res[key]['decoded']):.3f} art {np.mean(res[key]['art']):.3f}",
+                          flush=True)
     for j in range(1, max(BEST_OF)):
         key = f"draw{j}@{model.demo_strength}"
         if key not in res:
@@ -220,6 +236,9 @@ def report(args, model) -> None:
     arms: dict[str, list[list[dict]]] = {}  # arm -> one frontier per seed
     arms["dial (pretrained, plain)"] = [[base[f"dial@{s}"] for s in DIAL]]
     arms["tricks, untrained"] = [[base[f"tricks@{s}"] for s in TRICKS]]
+    for name, label in (("feedback", "module feedback alone, untrained"), ("luma", "luma-only control alone, untrained")):
+        if all(f"{name}@{s}" in base for s in TRICKS):
+            arms[label] = [[base[f"{name}@{s}"] for s in TRICKS]]
     if all(f"guided@{s}" in base for s in GUIDED_PLAIN):
         arms["scan guidance, untrained"] = [[base[f"guided@{s}"] for s in GUIDED_PLAIN]]
     if all(f"guided-tricks@{s}" in base for s in GUIDED_TRICKS):
@@ -334,6 +353,8 @@ def main() -> None:
     ap.add_argument("--from-run", default=None,
                     help="--part train: evaluate the controlnet.safetensors of a finished `qr-rl demo` run (its seed "
                          "and curriculum must match --seed and --recipe) instead of training")
+    ap.add_argument("--single-tricks", action="store_true",
+                    help="--part baselines: also sweep module feedback alone and luma-only control alone")
     ap.add_argument("--items", type=int, default=256)
     ap.add_argument("--bootstrap", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
