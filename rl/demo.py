@@ -302,8 +302,8 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
         feedback=feedback, luma_control=cfg.luma_control, guidance=cfg.guidance(), scorer=scorer,
         scoring=ToyScoring(clip_weight=cfg.clip_weight, art_floor=art_floor, art_floor_weight=cfg.art_floor_weight,
                            budget=budget, budget_fraction=cfg.art_floor),
-        extra_meta={"schedule_exploration": None if schedule is None else schedule.to_dict(strength),
-                    "policy_version": r})
+        extra_meta={"policy_version": r} | ({} if schedule is None else
+                                           {"schedule_exploration": schedule.to_dict(strength)}))
     jobs = demo_jobs(cfg, r, strength, Path(controlnet_path).name)
     n = sum(len(j.seeds) for j in jobs)
     draw = gains = fb_delta = None

@@ -56,7 +56,7 @@ class LocalToyBackend:
 
     The sampler's tricks (``feedback``: rl.module_feedback, ``luma_control``, ``guidance``:
     rl.scan_guidance) and ``scoring`` are the demo's; ``qr-rl loop --backend local`` uses the
-    plain sampler and scan + art. ``extra_meta`` adds keys to every shard's metadata.
+    plain sampler and scan + art. ``extra_meta`` adds keys to every shard's metadata (rl.trajectory.shard_metadata builds it).
     """
 
     name = "local"
@@ -154,7 +154,7 @@ class LocalToyBackend:
         from .luma_control import projection_meta
         from .toy import images_hwc_uint8, sample
         from .toy_world import LATENT_FACTOR, parse_prompt, toy_code
-        from .trajectory import Trajectory, write_shard
+        from .trajectory import Trajectory, shard_metadata, write_shard
 
         base_sha = sha256_file(self.model.unet_path)
         cn_sha = sha256_file(self.controlnet_path)
@@ -174,23 +174,23 @@ class LocalToyBackend:
             reward = self.score(job, out.images, codes, base)
             info = self.model.info
             fb = self.feedback
-            per_sample = {"strength_schedules": [{"curve": "keyframes", "keyframes": line} for line in job.keyframes]}
-            meta = (per_sample if job.keyframes else {}) | {
-                "cfg": float(info["sampling"]["cfg"]), "scheduler": info["sampling"].get("scheduler", "simple-sd"),
-                "sampler": "qr_rl_toy", "prompts": [job.prompt] * n, "payloads": [job.payload] * n,
-                "qr": [c.to_metadata() for c in codes],
-                "strength_schedule": schedule,
+            extra = dict(self.extra_meta)
+            meta = shard_metadata(
+                sampler="qr_rl_toy", cfg=float(info["sampling"]["cfg"]),
+                scheduler=info["sampling"].get("scheduler", "simple-sd"), prompts=[job.prompt] * n,
+                strength_schedule=schedule, base_sha256=base_sha, controlnet_sha256=cn_sha,
+                payloads=[job.payload] * n, qr=[c.to_metadata() for c in codes], curriculum_round=job.round,
+                policy_version=extra.pop("policy_version", None),
+                strength_schedules=[{"curve": "keyframes", "keyframes": line} for line in job.keyframes] or None,
                 # each sample's gains; the per-step gain maps themselves are the shard's strength_map
-                "module_feedback": None if fb is None else {
+                module_feedback=None if fb is None else {
                     "margin": fb.margin, "softness": fb.softness, "ramp": fb.ramp,
                     "gains": (torch.tensor([fb.gains()] * n) if gains is None else gains).tolist()},
-                # which luma-only control the sampler used (rl.luma_control): the trainer rebuilds it to replay
-                "luma_control": projection_meta(LATENT_FACTOR) if self.luma_control else None,
                 # scan guidance edits the recorded predictions: rwr distils them, ddpo refuses them
-                "scan_guidance": None if self.guidance is None else self.guidance.to_meta(),
-                "base_sha256": base_sha, "controlnet_sha256": cn_sha, "curriculum_round": job.round,
-                "base_file": str(self.model.unet_path), "controlnet_file": str(self.controlnet_path),
-            } | self.extra_meta
+                scan_guidance=None if self.guidance is None else self.guidance.to_meta(),
+                # which luma-only control the sampler used (rl.luma_control): the trainer rebuilds it to replay
+                luma_control=projection_meta(LATENT_FACTOR) if self.luma_control else None,
+                base_file=str(self.model.unet_path), controlnet_file=str(self.controlnet_path), **extra)
             traj = Trajectory.from_record(out.record, timestep=out.timesteps, cond=out.cond, uncond=out.uncond,
                                           hint=out.hints, reward=reward, meta=meta)
             tmp_dir = shards_dir / ".local"
