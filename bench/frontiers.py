@@ -14,7 +14,8 @@ Arms (each a frontier: a sweep of the ControlNet strength):
                   at the budget it is "the untrained sampler at the setting that spends the budget";
   tuned-plain     the ControlNet ``qr-rl demo`` trained (rwr), loaded into a plain sampler: what
                   anyone gets from the exported file; one per training seed and recipe;
-  feedback, luma  each of the two tricks alone, untrained (``--single-tricks``);
+  feedback, luma  each of the two tricks alone, untrained (``--single-tricks``), and the tricks with luma
+                  control through a latent→RGB preview table, the projection the ComfyUI node uses;
   tuned-tricks    the same tuned file with module feedback + luma-only control;
   guided          scan guidance (rl.scan_guidance, the last step) on the untrained sampler: alone in a
                   plain sampler, and on top of the tricks;
@@ -96,6 +97,31 @@ def evaluate(model, scorer, strength, n: int, controlnet=None, tricks: bool = Fa
     return out
 
 
+def preview_factors(fold: int) -> list[list[float]]:
+    """A latent→RGB preview table ``[C,3]`` for the toy's folded latent: each ``fold × fold`` block's
+    mean colour, the linear kind of map ComfyUI previews an SD latent with."""
+    return [[1.0 / fold**2 if c == k // fold**2 else 0.0 for c in range(3)] for k in range(3 * fold**2)]
+
+
+class PreviewLumaPath:
+    """While active, the toy's luma-only control goes through :func:`rl.luma_control.latent_luma_projection`
+    over :func:`preview_factors` (the projection the ComfyUI node builds from a model's preview colours)
+    instead of the exact folded projection. Why: it shows whether the node's approximate path keeps
+    the gain the toy measured with the exact one."""
+
+    def __enter__(self):
+        import rl.luma_control as lc
+
+        self._saved = lc.folded_luma_projection
+        lc.folded_luma_projection = lambda fold: lc.latent_luma_projection(preview_factors(fold))
+        return self
+
+    def __exit__(self, *exc):
+        import rl.luma_control as lc
+
+        lc.folded_luma_projection = self._saved
+
+
 def _save(path: Path, data) -> None:
     from rl.files import atomic_write_json
 
@@ -130,13 +156,18 @@ def part_baselines(args, model, scorer) -> None:
             _save(out, res)
             print(f"{key}: decode {np.mean(res[key]['decoded']):.3f} art {np.mean(res[key]['art']):.3f}", flush=True)
     if args.single_tricks:  # each trick alone (issue 21: luma-only control next to module feedback)
-        for name, only in (("feedback", {"feedback": True, "luma": False}), ("luma", {"feedback": False, "luma": True})):
+        from contextlib import nullcontext
+
+        for name, only, path in (("feedback", {"feedback": True, "luma": False}, nullcontext),
+                                 ("luma", {"feedback": False, "luma": True}, nullcontext),
+                                 ("tricks-preview", {"tricks": True}, PreviewLumaPath)):
             for s in TRICKS:
                 key = f"{name}@{s}"
                 if key not in res:
                     t0 = time.perf_counter()
-                    res[key] = evaluate(model, scorer, s, args.items, **only) | {"strength": s,
-                                                                                 "seconds": time.perf_counter() - t0}
+                    with path():
+                        res[key] = evaluate(model, scorer, s, args.items, **only) | {
+                            "strength": s, "seconds": time.perf_counter() - t0}
                     _save(out, res)
                     print(f"{key}: decode {np.mean(res[key]['decoded']):.3f} art {np.mean(res[key]['art']):.3f}",
                           flush=True)
@@ -236,7 +267,8 @@ def report(args, model) -> None:
     arms: dict[str, list[list[dict]]] = {}  # arm -> one frontier per seed
     arms["dial (pretrained, plain)"] = [[base[f"dial@{s}"] for s in DIAL]]
     arms["tricks, untrained"] = [[base[f"tricks@{s}"] for s in TRICKS]]
-    for name, label in (("feedback", "module feedback alone, untrained"), ("luma", "luma-only control alone, untrained")):
+    for name, label in (("feedback", "module feedback alone, untrained"), ("luma", "luma-only control alone, untrained"),
+                        ("tricks-preview", "tricks, luma through a preview table (the node's projection), untrained")):
         if all(f"{name}@{s}" in base for s in TRICKS):
             arms[label] = [[base[f"{name}@{s}"] for s in TRICKS]]
     if all(f"guided@{s}" in base for s in GUIDED_PLAIN):
