@@ -324,13 +324,20 @@ def report(args, model) -> None:
     def pct(v: float) -> str:
         return "n/a" if not np.isfinite(v) else f"{v:.0%}"
 
+    def cell(j: dict, versus: str | None) -> str:
+        """Headline [CI] (or the paired difference against ``versus``); n/a where the sweep never
+        reaches the budget on all items (a bootstrap resample may, which is not a result)."""
+        if not np.isfinite(j["decode_at_budget"]):
+            return "n/a"
+        if versus is None:
+            return f"{pct(j['decode_at_budget'])} [{pct(j['ci'][0])}, {pct(j['ci'][1])}]"
+        d = j[versus]
+        return f"{d[0]:+.0%} [{d[1]:+.0%}, {d[2]:+.0%}]"
+
     for name in rows:
         c, h = table[name]["art"], table[name]["art_heldout"]
-        lines.append(f"| {name} | {table[name]['seeds']} | {pct(c['decode_at_budget'])} [{pct(c['ci'][0])}, {pct(c['ci'][1])}] | "
-                     f"{c['vs_dial'][0]:+.0%} [{c['vs_dial'][1]:+.0%}, {c['vs_dial'][2]:+.0%}] | "
-                     f"{c['vs_tricks'][0]:+.0%} [{c['vs_tricks'][1]:+.0%}, {c['vs_tricks'][2]:+.0%}] | "
-                     f"{pct(h['decode_at_budget'])} [{pct(h['ci'][0])}, {pct(h['ci'][1])}] | "
-                     f"{h['vs_dial'][0]:+.0%} [{h['vs_dial'][1]:+.0%}, {h['vs_dial'][2]:+.0%}] |")
+        lines.append(f"| {name} | {table[name]['seeds']} | {cell(c, None)} | {cell(c, 'vs_dial')} | "
+                     f"{cell(c, 'vs_tricks')} | {cell(h, None)} | {cell(h, 'vs_dial')} |")
     per_seed = [f"- {name}: " + "; ".join(
         f"seed {seed}: {pct(at_budget(f, 'art', budgets['art']))} / {pct(at_budget(f, 'art_heldout', budgets['art_heldout']))}"
         for seed, f in zip(seeds_of[name], arms[name])) for name in rows if name in seeds_of]
