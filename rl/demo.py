@@ -3,13 +3,14 @@
 Why this exists: it is the README's first command. A newcomer with no GPU and no network sees
 the whole loop of the real system run end to end -- and see it work -- in minutes:
 
-  pretrained toy ControlNet ─► [round r: base strength s_r (the demo strength, or a curriculum
-      high → demo); encode QR codes (rl.qr) ─► each sample draws a per-step strength curve around
-      the learned one (rl.schedule_policy) ─► sample with recording (rl.sampling + Policy.denoise,
-      module feedback: rl.module_feedback, luma-only control: rl.luma_control)
-      ─► scan reward (rl.scan) + art reward (tiny CLIP via rl.clip_score) + the art budget's
-      price (rl.art_budget) ─► shards (rl.trajectory) ─► curve update, price update, and with
-      --train-controlnet offline DDPO on the shards (rl.train.train) ─► next round]
+  pretrained toy ControlNet ─► [round r (rl.rounds, as ``qr-rl loop``): base strength s_r (the demo
+      strength, or a curriculum high → demo) ─► each sample draws a per-step strength curve around
+      the learned one (rl.schedule_policy) ─► the toy backend (rl.toy_backend) samples with
+      recording (rl.sampling + Policy.denoise, module feedback: rl.module_feedback, luma-only
+      control: rl.luma_control) and scores: scan reward (rl.scan) + art reward (tiny CLIP via
+      rl.clip_score) + the art budget (rl.art_budget) ─► shards (rl.trajectory) and a manifest
+      (rl.collect) ─► curve update, price update, and the ControlNet trained offline on the
+      shards (rl.train.train; rwr by default) ─► next round]
   ─► before/after at the demo strength: decode rate, module accuracy, art similarity.
 
 Nothing here re-implements the algorithm: the demo only orchestrates the same modules the
@@ -278,7 +279,8 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
                   budget=None, feedback_gains=None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Round ``r`` through the round pipeline (rl.rounds) and the toy backend: ``groups × group_size``
     samples at base ``strength``, scored, one shard per group in ``round_dir/shards``
-    (``round_dir/manifest.json`` lists them). ``base_sha`` is not needed (the backend hashes, cached).
+    (``round_dir/manifest.json`` lists them). ``base_sha`` is ignored (kept for callers that pass it:
+    the backend hashes the model files itself, cached).
 
     Returns the round's row and, with a :class:`rl.schedule_policy.SchedulePolicy`, what its
     update needs: each sample drew its own per-step strengths around the schedule (recorded
@@ -424,7 +426,6 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     cfg.validate()
     from tqdm.auto import tqdm
 
-    from .files import sha256_file as file_sha256
     from .rounds import base_strength, update_curve
     from .toy import ToyModel, eval_prompts_codes, sample
     from .weights import load_controlnet
@@ -443,7 +444,6 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     high = float(cfg.start_strength if cfg.start_strength is not None else model.curriculum_start)
     plan = _strength_plan(cfg, high, low)
     scorer = model.clip_scorer()
-    base_sha = file_sha256(model.unet_path)
     plan_text = f"curriculum {cfg.curriculum} {high} → {low}" if plan is not None else "no curriculum"
     say(f"toy model {model.folder} (demo strength {low}, {plan_text}); "
         f"{cfg.rounds} rounds × {cfg.groups * cfg.group_size} samples")
@@ -503,7 +503,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
         # with the one trained so far; a current teacher drifted weaker round by round on the toy (research log)
         fixed = cfg.teacher == "pretrained"
         row, exploration = collect_round(model, None if fixed else controlnet, model.controlnet_path if fixed else cn_path,
-                                         strength, r, cfg, round_dir, scorer, base_sha,
+                                         strength, r, cfg, round_dir, scorer,
                                          schedule=schedule, art_floor=art_floor, budget=budget,
                                          feedback_gains=feedback_gains)
         row["collect_s"] = round(time.perf_counter() - t0, 1)
