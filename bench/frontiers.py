@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DIAL = (0.4, 0.5, 0.6, 0.7)
 TRICKS = (0.3, 0.4, 0.5, 0.6)
+LUMA = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # luma-only control alone keeps more art per strength: it crosses the budget later
 TUNED_PLAIN = (0.4, 0.5, 0.6)
 TUNED_TRICKS = (0.3, 0.4, 0.5)
 GUIDED_PLAIN = (0.2, 0.3, 0.4, 0.5)
@@ -158,10 +159,10 @@ def part_baselines(args, model, scorer) -> None:
     if args.single_tricks:  # each trick alone (issue 21: luma-only control next to module feedback)
         from contextlib import nullcontext
 
-        for name, only, path in (("feedback", {"feedback": True, "luma": False}, nullcontext),
-                                 ("luma", {"feedback": False, "luma": True}, nullcontext),
-                                 ("tricks-preview", {"tricks": True}, PreviewLumaPath)):
-            for s in TRICKS:
+        for name, only, path, sweep in (("feedback", {"feedback": True, "luma": False}, nullcontext, TRICKS),
+                                        ("luma", {"feedback": False, "luma": True}, nullcontext, LUMA),
+                                        ("tricks-preview", {"tricks": True}, PreviewLumaPath, TRICKS)):
+            for s in sweep:
                 key = f"{name}@{s}"
                 if key not in res:
                     t0 = time.perf_counter()
@@ -267,10 +268,12 @@ def report(args, model) -> None:
     arms: dict[str, list[list[dict]]] = {}  # arm -> one frontier per seed
     arms["dial (pretrained, plain)"] = [[base[f"dial@{s}"] for s in DIAL]]
     arms["tricks, untrained"] = [[base[f"tricks@{s}"] for s in TRICKS]]
-    for name, label in (("feedback", "module feedback alone, untrained"), ("luma", "luma-only control alone, untrained"),
-                        ("tricks-preview", "tricks, luma through a preview table (the node's projection), untrained")):
-        if all(f"{name}@{s}" in base for s in TRICKS):
-            arms[label] = [[base[f"{name}@{s}"] for s in TRICKS]]
+    for name, label, sweep in (("feedback", "module feedback alone, untrained", TRICKS),
+                               ("luma", "luma-only control alone, untrained", LUMA),
+                               ("tricks-preview", "tricks, luma through a preview table (the node's projection), untrained",
+                                TRICKS)):
+        if all(f"{name}@{s}" in base for s in sweep):
+            arms[label] = [[base[f"{name}@{s}"] for s in sweep]]
     if all(f"guided@{s}" in base for s in GUIDED_PLAIN):
         arms["scan guidance, untrained"] = [[base[f"guided@{s}"] for s in GUIDED_PLAIN]]
     if all(f"guided-tricks@{s}" in base for s in GUIDED_TRICKS):
