@@ -102,7 +102,7 @@ def ours(model_dir: Path, what: str, mode: str, scope: str, batch: int, steps: i
     from rl.ddpo import ppo_clip_loss
     from rl.policy import LoraSettings, Policy
     from rl.sampling import initial_noise, sample_loop
-    from rl.toy import sampling_schedule
+    from rl.toy.model import sampling_schedule
     from rl.train import _batch, _denoise, _embed_hints, _log_prob, _micro_batches, _old_pass, _Sample
 
     info = json.loads((model_dir / "bench.json").read_text())

@@ -59,9 +59,9 @@ X0_WEIGHTING = "d"  # dpo-x0's error: "d" (‖D − x0‖², every noise level a
 
 def collect(model, out: Path, rounds: int, pair_source: str, say) -> Path:
     """Demo-style rounds with mirrored pairs (same seed, curve or feedback gains ±δ), once."""
-    from rl.demo import DemoConfig, collect_round
     from rl.files import sha256_file
     from rl.schedule_policy import SchedulePolicy
+    from rl.toy.demo import DemoConfig, collect_round
 
     shards = out / f"shards-{pair_source}"
     if shards.exists():
@@ -175,7 +175,7 @@ def learning_check(model, policy, samples, pairs, kind: str, projection, args, s
     demo strength before and after on 64 fixed items."""
     import torch
 
-    from rl.toy import measure
+    from rl.toy.model import measure
 
     strength = model.demo_strength
     seeds = list(range(50_000, 50_064))
@@ -256,7 +256,7 @@ def main() -> None:
     from rl.ddpo import StatTracker
     from rl.objectives import advantage_weights
     from rl.policy import zero_conv_parameters
-    from rl.toy import ToyModel
+    from rl.toy.model import ToyModel
 
     global X0_WEIGHTING
     X0_WEIGHTING = args.x0_weighting

@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rl import toy_world as world
     from rl.scan import scan_reward
-    from rl.toy import ToyModel, eval_prompts_codes, images_hwc_uint8, sample
+    from rl.toy import world
+    from rl.toy.model import ToyModel, eval_prompts_codes, images_hwc_uint8, sample
 
     if args.threads:
         torch.set_num_threads(args.threads)

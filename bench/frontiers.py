@@ -57,7 +57,7 @@ EVAL_SEED0 = 70_000
 
 
 def _items(n: int):
-    from rl.toy import eval_prompts_codes
+    from rl.toy.model import eval_prompts_codes
 
     prompts, codes, _ = eval_prompts_codes(n)
     return prompts, codes, list(range(EVAL_SEED0, EVAL_SEED0 + n))
@@ -71,9 +71,9 @@ def evaluate(model, scorer, strength, n: int, controlnet=None, tricks: bool = Fa
     import torch
 
     from rl.art_judge import structure_similarity
-    from rl.demo import DemoConfig
     from rl.scan import scan_reward
-    from rl.toy import images_hwc_uint8, sample
+    from rl.toy.demo import DemoConfig
+    from rl.toy.model import images_hwc_uint8, sample
 
     prompts, codes, seeds = _items(n)
     seeds = [s + seed_shift for s in seeds]
@@ -181,7 +181,7 @@ def part_baselines(args, model, scorer) -> None:
 
 
 def part_train(args, model, scorer) -> None:
-    from rl.demo import DemoConfig, run_demo
+    from rl.toy.demo import DemoConfig, run_demo
     from rl.weights import load_controlnet
 
     name = f"{args.recipe}-seed{args.seed}"
@@ -404,7 +404,7 @@ def main() -> None:
 
     import torch
 
-    from rl.toy import ToyModel
+    from rl.toy.model import ToyModel
 
     torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -36,10 +36,10 @@ def main() -> None:
 
     import torch
 
-    from rl import toy_world as world
-    from rl.demo import DemoConfig, collect_round
     from rl.files import sha256_file as file_sha256
-    from rl.toy import ToyModel
+    from rl.toy import world
+    from rl.toy.demo import DemoConfig, collect_round
+    from rl.toy.model import ToyModel
     from rl.train import TrainConfig, objective_gradients
 
     torch.set_num_threads(args.threads)

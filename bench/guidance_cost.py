@@ -41,10 +41,10 @@ def main() -> None:
 
     import torch
 
-    from rl import toy_world as world
     from rl.module_feedback import latent_rgb, light_grids
     from rl.scan_guidance import ScanGuidance, guide
-    from rl.toy import ToyModel, eval_prompts_codes, latents_to_images, sampling_schedule
+    from rl.toy import world
+    from rl.toy.model import ToyModel, eval_prompts_codes, latents_to_images, sampling_schedule
 
     torch.set_num_threads(args.threads)
     model = ToyModel.load()

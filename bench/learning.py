@@ -55,7 +55,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
 def best_of_n(model, n: int, eval_samples: int, seed: int, scorer) -> dict[str, float]:
     """Per evaluation item: N seeds at the demo strength, keep the draw with the best scan score."""
     from rl.scan import scan_reward
-    from rl.toy import eval_prompts_codes, images_hwc_uint8, sample
+    from rl.toy.model import eval_prompts_codes, images_hwc_uint8, sample
 
     prompts, codes, _ = eval_prompts_codes(eval_samples)
     eval_seeds = list(range(50_000 + 1000 * seed, 50_000 + 1000 * seed + eval_samples))
@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rl.demo import DemoConfig, run_demo
     from rl.files import atomic_write_json, atomic_write_text
-    from rl.toy import ToyModel, measure
+    from rl.toy.demo import DemoConfig, demo_trainer, run_demo
+    from rl.toy.model import ToyModel, measure
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,15 +134,15 @@ def main(argv: list[str] | None = None) -> int:
                 ("j", "(j) RL + ControlNet DDPO + curriculum", "linear", True, True)):
             if key in arms:
                 def rl_run(curriculum=curriculum, key=key, seed=seed, train_cn=train_cn, feedback=feedback):
+                    # the DDPO arms as they were measured: zero convs, std step weights, rounds sampled
+                    # with the ControlNet trained so far
+                    trainer = (({"objective": "ddpo", "mode": "zero_convs", "lr": 2e-4, "step_weighting": "std"}
+                                if train_cn else {}) | ({"lr": args.lr} if args.lr is not None else {}))
                     cfg = DemoConfig(out=out / f"{key}-seed{seed}", rounds=args.rounds, groups=args.groups,
                                      group_size=args.group_size, eval_samples=args.eval_samples, seed=seed,
                                      curriculum=curriculum, train_controlnet=train_cn, module_feedback=feedback,
-                                     progress=False, keep_shards=False,
-                                     # the DDPO arms as they were measured: zero convs, std step weights,
-                                     # rounds sampled with the ControlNet trained so far
-                                     **(({"objective": "ddpo", "mode": "zero_convs", "lr": 2e-4, "teacher": "current",
-                                          "step_weighting": "std"} if train_cn else {})
-                                        | ({"lr": args.lr} if args.lr is not None else {})),
+                                     progress=False, keep_shards=False, train=demo_trainer(**trainer),
+                                     **({"teacher": "current"} if train_cn else {}),
                                      **({"start_strength": args.start_strength}
                                         if args.start_strength is not None and curriculum != "none" else {}))
                     summary = run_demo(cfg, log=lambda m: None).summary

@@ -8,7 +8,7 @@ skips jobs already in the manifest, adopts a finished shard whose entry was not 
 
 Why a protocol: this module knows jobs, shards and the manifest, not where samples come from.
 Backends: ``rl.comfy_backend.ComfyBackend`` (an API-format workflow on ComfyUI servers) and
-the CPU demonstration's ``rl.toy_backend.LocalToyBackend`` (the toy model, in-process).
+the CPU demonstration's ``rl.toy.backend.LocalToyBackend`` (the toy model, in-process).
 ``rl.rounds`` drives one round of the recipe through this module.
 """
 

@@ -77,7 +77,7 @@ def _deprecation(message: str) -> None:
 
 #: ``backend`` setting → "module:class" of its :class:`LoopBackend`, imported only when a run
 #: chooses it (so the loop never loads the CPU demonstration's toy wing for ComfyUI runs).
-BACKENDS = {"comfy": "rl.comfy_backend:ComfyLoopBackend", "local": "rl.toy_backend:ToyLoopBackend"}
+BACKENDS = {"comfy": "rl.comfy_backend:ComfyLoopBackend", "local": "rl.toy.backend:ToyLoopBackend"}
 
 
 class LoopBackend(Protocol):

@@ -22,8 +22,8 @@ def build_tiny_toy(folder: Path) -> Path:
     """A random toy model much smaller than the shipped one (same file layout, 3 sampling steps)."""
     import torch
 
-    from rl.toy import FORMAT, FORMAT_VERSION, TEXT_WIDTH, ToyModel, ToyTextEncoder, _models, build_clip
-    from rl.toy_world import LATENT_CHANNELS, LATENT_SIZE
+    from rl.toy.model import FORMAT, FORMAT_VERSION, TEXT_WIDTH, ToyModel, ToyTextEncoder, _models, build_clip
+    from rl.toy.world import LATENT_CHANNELS, LATENT_SIZE
 
     unet_cls, cn_cls = _models()
     torch.manual_seed(0)
@@ -186,7 +186,7 @@ def test_node_errors_reported_in_node_order():
 
 
 def test_local_backend_collects_resumes_and_recovers(tiny_toy, tmp_path):
-    from rl.toy_backend import LocalToyBackend
+    from rl.toy.backend import LocalToyBackend
 
     backend = LocalToyBackend(tiny_toy, steps=3)
     jobs = plan_jobs([TOY_PROMPT], ["QR-RL", "HELLO"], seeds=2, strength=0.9)

@@ -11,7 +11,7 @@ import torch
 
 def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
     from rl.cli import main
-    from rl.toy import ToyModel
+    from rl.toy.model import ToyModel
     from rl.trajectory import read_shard
     from rl.weights import load_controlnet
 
@@ -102,7 +102,7 @@ def test_demo_quick_writes_the_whole_report(tmp_path, capsys):
 
 def test_demo_without_shards_keeps_the_controlnet(tmp_path):
     """keep_shards=False (what bench/learning.py uses) drops rounds/ but not the trained ControlNet."""
-    from rl.demo import DemoConfig, run_demo
+    from rl.toy.demo import DemoConfig, run_demo
 
     res = run_demo(DemoConfig.quick(tmp_path / "d", rounds=1, hold_rounds=1, eval_samples=4, keep_shards=False,
                                     progress=False), log=lambda m: None)
@@ -113,8 +113,8 @@ def test_demo_without_shards_keeps_the_controlnet(tmp_path):
 
 def test_bad_trainer_options_are_refused_before_any_sampling(tmp_path):
     """The demo checks the trainer options the way `qr-rl train` does, before its first round."""
-    from rl.demo import DemoConfig, demo_trainer
     from rl.errors import QRRLError
+    from rl.toy.demo import DemoConfig, demo_trainer
 
     with pytest.raises(QRRLError, match="anchor-decay needs --mode"):
         DemoConfig(out=tmp_path, train=demo_trainer(mode="lora", anchor_decay=0.1)).validate()
@@ -128,8 +128,8 @@ def test_schedule_only_and_plain_runs(tmp_path):
     --no-learn-schedule --train-controlnet is constant-strength DDPO, here with module feedback and
     luma-only control, whose recorded gain maps and projection the trainer replays exactly."""
     from rl.cli import main
-    from rl.demo import DemoConfig, demo_trainer
     from rl.errors import QRRLError
+    from rl.toy.demo import DemoConfig, demo_trainer
     from rl.trajectory import read_shard
 
     out = tmp_path / "sched"
@@ -188,9 +188,9 @@ def test_the_art_budget_follows_the_curriculum_strength(tmp_path):
     """A curriculum round at a higher strength is allowed the art that strength costs the
     pretrained ControlNet on the same items: the paired floors are measured at the round's strength."""
     from rl.art_budget import LevelBudget
-    from rl.demo import DemoConfig, collect_round
     from rl.files import sha256_file as file_sha256
-    from rl.toy import ToyModel
+    from rl.toy.demo import DemoConfig, collect_round
+    from rl.toy.model import ToyModel
 
     model = ToyModel.load()
     cfg = DemoConfig(out=tmp_path, groups=2, group_size=4, progress=False)
@@ -205,8 +205,8 @@ def test_the_art_budget_follows_the_curriculum_strength(tmp_path):
 
 
 def test_round_items_pair_seeds_only_when_exploring_in_pairs(tmp_path):
-    from rl.demo import DemoConfig, round_items
     from rl.errors import QRRLError
+    from rl.toy.demo import DemoConfig, round_items
 
     _, _, seeds = round_items(DemoConfig(out=tmp_path), 1000, 0)
     assert seeds[0::2] == seeds[1::2] and len(set(seeds)) == len(seeds) // 2
@@ -221,7 +221,7 @@ def test_round_items_pair_seeds_only_when_exploring_in_pairs(tmp_path):
 def test_curriculum_starts_where_most_samples_scan():
     """The shipped calibration picks the first strength above the demo's where ≥ 80% of samples
     scan: the one below it scans less, and the start is a calibrated row, not a constant."""
-    from rl.toy import ToyModel
+    from rl.toy.model import ToyModel
 
     model = ToyModel.load()
     rows = sorted(model.info["calibration"], key=lambda row: row["strength"])
@@ -241,9 +241,9 @@ def test_demo_config_file_documents_every_default(tmp_path, capsys):
     from dataclasses import asdict, fields
     from pathlib import Path
 
-    from rl.demo import DEMO_FIXED, DemoConfig
     from rl.errors import QRRLError
     from rl.rounds import TrainerSettings
+    from rl.toy.demo import DEMO_FIXED, DemoConfig
 
     shipped = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
     settings = DemoConfig.toml_settings(shipped)

@@ -19,8 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 #: The CPU demonstration and the test-weight builders.
-WING = ("rl.toy", "rl.toy_world", "rl.toy_backend", "rl.demo", "rl.commands.demo", "rl.commands.toy",
-        "rl.testing")
+WING = ("rl.toy", "rl.commands.demo", "rl.commands.toy", "rl.testing")
 #: The command line offers both wings (``--backend local``, ``qr-rl demo``), by design.
 SHELL = ("rl.cli", "rl.commands")
 

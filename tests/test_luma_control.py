@@ -33,8 +33,8 @@ def test_luma_only_keeps_the_luma_and_drops_the_colour():
 
 def test_the_toy_policy_changes_only_the_luma_of_its_prediction():
     """D = D_art + Y(D_cn − D_art): its colour (RGB minus luma) is the art's, its luma the ControlNet's."""
-    from rl import toy_world as world
-    from rl.toy import ToyModel, latents_to_images, sampling_schedule
+    from rl.toy import world
+    from rl.toy.model import ToyModel, latents_to_images, sampling_schedule
 
     model = ToyModel.load()
     prompts = ["pink dots on dark green", "cyan checks on dark blue"]
@@ -66,7 +66,7 @@ def test_the_trainer_rebuilds_the_projection_a_shard_names_and_refuses_mixtures(
     from rl.cli import main
     from rl.errors import QRRLError
     from rl.luma_control import projection_from_meta, projection_meta
-    from rl.toy import ToyModel
+    from rl.toy.model import ToyModel
     from rl.train import TrainConfig, train
     from rl.trajectory import read_shard, write_shard
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl import toy_world as world
 from rl.errors import QRRLError
 from rl.module_feedback import (
     LatentFeedback,
@@ -18,6 +17,7 @@ from rl.module_feedback import (
     wrong_modules,
 )
 from rl.qr import encode
+from rl.toy import world
 
 
 def _code_images(codes, invert: bool = False) -> torch.Tensor:
@@ -71,7 +71,7 @@ def test_bad_settings_are_refused():
 def test_feedback_makes_the_shipped_model_scan_more_at_the_same_strength():
     """At the demo strength, feedback raises module accuracy and decoding on fixed seeds; gains of
     1 reproduce the plain sampler exactly (the map multiplies the strength, nothing else)."""
-    from rl.toy import ToyModel, eval_prompts_codes, measure, sample
+    from rl.toy.model import ToyModel, eval_prompts_codes, measure, sample
 
     model = ToyModel.load()
     seeds = list(range(50_000, 50_016))
@@ -92,7 +92,7 @@ def test_feedback_makes_the_shipped_model_scan_more_at_the_same_strength():
 
 
 def test_policy_refuses_a_map_of_the_wrong_shape():
-    from rl.toy import ToyModel, eval_prompts_codes
+    from rl.toy.model import ToyModel, eval_prompts_codes
 
     model = ToyModel.load()
     prompts, codes, _ = eval_prompts_codes(2)

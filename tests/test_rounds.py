@@ -55,7 +55,7 @@ def test_per_sample_values_go_to_their_jobs_in_order():
 
 
 def test_one_round_through_a_backend(tiny_toy, tmp_path):  # noqa: F811
-    from rl.toy_backend import LocalToyBackend
+    from rl.toy.backend import LocalToyBackend
 
     backend = LocalToyBackend(tiny_toy, steps=3)
     policy = SchedulePolicy(3, sigma=0.3, shape="level_slope")

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from rl import toy_world as world
 from rl.errors import QRRLError
 from rl.module_feedback import light_grids, module_luma
 from rl.scan import scan_reward
 from rl.scan_guidance import ScanGuidance, guide, margin_loss
+from rl.toy import world
 
 PX = 4  # pixels per module in these hand-made pictures
 
@@ -109,7 +109,7 @@ def test_a_step_that_blows_up_is_stopped_not_returned_as_nan():
 
 
 def test_toy_sampler_scans_more_with_guidance_and_records_the_guided_predictions():
-    from rl.toy import ToyModel, eval_prompts_codes, images_hwc_uint8, latents_to_images, sample
+    from rl.toy.model import ToyModel, eval_prompts_codes, images_hwc_uint8, latents_to_images, sample
 
     model = ToyModel.load()
     prompts, codes, _ = eval_prompts_codes(12)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl import toy_world as world
 from rl.errors import QRRLError
+from rl.toy import world
 
 
 def test_world_is_deterministic_and_tokenizes_like_open_clip():
@@ -45,13 +45,13 @@ def test_blend_weight_controls_scannability():
 
 @pytest.fixture(scope="module")
 def shipped():
-    from rl.toy import ToyModel
+    from rl.toy.model import ToyModel
 
     return ToyModel.load()
 
 
 def test_shipped_weights_load_and_reproduce_checksum(shipped):
-    from rl.toy import ASSETS, FILES, sample_checksum
+    from rl.toy.model import ASSETS, FILES, sample_checksum
 
     size = sum((ASSETS / f).stat().st_size for f in FILES.values())
     assert size <= 20 * 2**20, f"shipped toy weights are {size / 2**20:.1f} MB (> 20 MB)"
@@ -68,7 +68,7 @@ def test_sampling_keeps_a_trainable_controlnet_trainable(shipped):
     """Sampling with a ControlNet that is being trained leaves its requires_grad flags alone."""
     import copy
 
-    from rl.toy import eval_prompts_codes, sample
+    from rl.toy.model import eval_prompts_codes, sample
 
     cn = copy.deepcopy(shipped.controlnet)
     cn.requires_grad_(False)
@@ -85,7 +85,7 @@ def test_per_step_and_per_sample_strength_schedules(shipped):
     """``sample`` takes a number, one strength per step or one schedule per sample; the same
     curve given each way draws the same images, and each sample's row reaches that sample."""
     from rl.errors import QRRLError
-    from rl.toy import eval_prompts_codes, sample
+    from rl.toy.model import eval_prompts_codes, sample
 
     prompts, codes, _ = eval_prompts_codes(2)
     curve = [0.2, 0.4, 0.8]
@@ -101,16 +101,16 @@ def test_per_step_and_per_sample_strength_schedules(shipped):
 
 def test_shipped_model_strength_ordering(shipped):
     """Without ControlNet: never scans; demo strength: rarely; high strength: almost always, less art."""
-    from rl.toy import measure, sample
+    from rl.toy.model import measure, sample
 
     seeds = list(range(900, 916))
-    from rl.toy import eval_prompts_codes
+    from rl.toy.model import eval_prompts_codes
 
     prompts, codes, _ = eval_prompts_codes(len(seeds))
     scorer = shipped.clip_scorer()
     base = sample(shipped, prompts, None, seeds, 0.0, record=False).images
     from rl.scan import scan_reward
-    from rl.toy import images_hwc_uint8
+    from rl.toy.model import images_hwc_uint8
 
     none = scan_reward(images_hwc_uint8(base), codes).components["decoded"].mean()
     low = measure(shipped, shipped.demo_strength, seeds, scorer=scorer, base_images=base)
@@ -124,7 +124,7 @@ def test_shipped_model_strength_ordering(shipped):
 
 def test_pretrain_command_writes_a_loadable_model(tmp_path, capsys):
     from rl.cli import main
-    from rl.toy import ToyModel, sample
+    from rl.toy.model import ToyModel, sample
 
     out = tmp_path / "toy"
     rc = main(["toy", "pretrain", "--out", str(out), "--steps", "2", "--batch-size", "2",
@@ -159,6 +159,6 @@ def test_pretrain_rejects_bad_arguments(tmp_path, capsys):
     assert main(["toy", "pretrain", "--out", str(tmp_path / "x"), "--steps", "0"]) == 2
     assert "--unet-steps must be >= 1" in capsys.readouterr().err
     with pytest.raises(QRRLError, match="qr-rl toy pretrain"):
-        from rl.toy import ToyModel
+        from rl.toy.model import ToyModel
 
         ToyModel.load(tmp_path)

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        from ..toy_backend import DEFAULT_PAYLOADS, LocalToyBackend, default_prompts
+        from ..toy.backend import DEFAULT_PAYLOADS, LocalToyBackend, default_prompts
 
         backend = LocalToyBackend(args.toy_model, args.controlnet, steps=args.steps, run_name=args.run)
         prompts = prompts or default_prompts()

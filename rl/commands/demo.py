@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import require_extra
 
     require_extra("train")  # the toy model is a diffusers UNet; the report is drawn with matplotlib
-    from ..demo import DemoConfig, demo_trainer, run_demo
+    from ..toy.demo import DemoConfig, demo_trainer, run_demo
 
     names = ("model", "rounds", "curriculum", "strength", "start_strength", "hold_rounds", "groups", "group_size",
              "eval_samples", "clip_weight", "objective", "mode", "lr", "anchor_decay", "epochs", "seed", "threads",

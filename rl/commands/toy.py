@@ -1,6 +1,6 @@
 """``qr-rl toy pretrain`` / ``calibrate``: train the embedded toy QR-art model, re-measure its strength dial.
 
-Why a command: the shipped weights in ``rl/assets/toy`` are made by exactly this command, so
+Why a command: the shipped weights in ``rl/toy/assets`` are made by exactly this command, so
 anyone can reproduce (or retune) them on a CPU in under half an hour.
 """
 
@@ -59,7 +59,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     require_extra("train")  # the toy model is a diffusers UNet + ControlNet
     from ..errors import QRRLError
-    from ..toy import PretrainConfig, pretrain
+    from ..toy.model import PretrainConfig, pretrain
 
     kw = {}
     if args.steps is not None:
@@ -82,7 +82,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from ..files import atomic_write_json
-    from ..toy import CONFIG_FILE, ToyModel, recalibrate
+    from ..toy.model import CONFIG_FILE, ToyModel, recalibrate
 
     if args.threads:
         torch.set_num_threads(args.threads)

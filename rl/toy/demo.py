@@ -5,7 +5,7 @@ the whole loop of the real system run end to end -- and see it work -- in minute
 
   pretrained toy ControlNet ─► [round r (rl.rounds, as ``qr-rl loop``): base strength s_r (the demo
       strength, or a curriculum high → demo) ─► each sample draws a per-step strength curve around
-      the learned one (rl.schedule_policy) ─► the toy backend (rl.toy_backend) samples with
+      the learned one (rl.schedule_policy) ─► the toy backend (rl.toy.backend) samples with
       recording (rl.sampling + Policy.denoise, module feedback: rl.module_feedback, luma-only
       control: rl.luma_control) and scores: scan reward (rl.scan) + art reward (tiny CLIP via
       rl.clip_score) + the art budget (rl.art_budget) ─► shards (rl.trajectory) and a manifest
@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import toy_world as world
-from .errors import QRRLError
-from .files import atomic_copy, atomic_write_text
-from .image_io import save_figure
-from .rounds import TrainerSettings
+from ..errors import QRRLError
+from ..files import atomic_copy, atomic_write_text
+from ..image_io import save_figure
+from ..rounds import TrainerSettings
+from . import world
 
 #: Where the demo's trainer defaults differ from ``qr-rl train``'s: the measured recipe (rwr on every
 #: weight of the ControlNet, one pass over each round's shards, every step; docs/research-log.md).
@@ -117,7 +117,7 @@ class DemoConfig:
         top-level keys, dashes accepted for underscores; the trainer's in ``[demo.train]`` / ``[train]``,
         returned as ``{"train": {...}}``). The flat trainer keys of earlier releases still work, each with
         a warning naming its new key. Unknown keys are refused."""
-        from .loop import LoopConfig
+        from ..loop import LoopConfig
 
         say = warn or _deprecation
         data = LoopConfig.load_toml(path)
@@ -174,15 +174,15 @@ class DemoConfig:
              "nothing to learn: --no-learn-schedule needs --train-controlnet")
         self.train.validate()
         need(self.teacher in ("pretrained", "current"), f"teacher must be pretrained or current, got {self.teacher!r}")
-        from .module_feedback import check_feedback
-        from .schedule_policy import SHAPES, check_schedule_options
+        from ..module_feedback import check_feedback
+        from ..schedule_policy import SHAPES, check_schedule_options
 
         check_schedule_options(self.schedule_sigma, self.schedule_lr)
         need(self.schedule_shape in SHAPES,
              f"unknown --schedule-shape {self.schedule_shape!r}: use {', '.join(SHAPES)}")
         check_feedback(self.feedback_low, self.feedback_high, self.feedback_margin, self.feedback_softness,
                        self.feedback_ramp)
-        from .scan_guidance import check_guidance
+        from ..scan_guidance import check_guidance
 
         check_guidance(self.guidance_scale, self.guidance_margin, self.guidance_start, 1.0, 1)
 
@@ -194,7 +194,7 @@ class DemoConfig:
 
     def guidance(self):
         """The :class:`rl.scan_guidance.ScanGuidance` of the sampler's tricks, or None when off."""
-        from .scan_guidance import ScanGuidance
+        from ..scan_guidance import ScanGuidance
 
         if not self.scan_guidance:
             return None
@@ -202,7 +202,7 @@ class DemoConfig:
 
     def feedback(self):
         """The :class:`rl.module_feedback.ModuleFeedback` at the starting gains, or None when off."""
-        from .module_feedback import ModuleFeedback
+        from ..module_feedback import ModuleFeedback
 
         if not self.module_feedback:
             return None
@@ -221,7 +221,7 @@ class DemoResult:
 
 def _strength_plan(cfg: DemoConfig, high: float, low: float):
     """Curriculum over the first ``rounds - hold_rounds`` rounds, then ``hold_rounds`` at ``low``."""
-    from .schedule import Curriculum
+    from ..schedule import Curriculum
 
     if cfg.curriculum == "none" or high <= low:
         return None
@@ -235,7 +235,7 @@ def _strength_plan(cfg: DemoConfig, high: float, low: float):
 def round_items(cfg: DemoConfig, tag: int, r: int) -> tuple[list[str], list[str], list[int]]:
     """``groups × group_size`` training items: random world prompts, the payloads in turn, fresh seeds
     (with ``cfg.explores_in_pairs``, each seed twice in a row: a mirrored pair's two samples)."""
-    from .toy import DEMO_PAYLOADS
+    from .model import DEMO_PAYLOADS
 
     rng = np.random.default_rng([cfg.seed, tag])
     specs = world.all_specs()
@@ -255,7 +255,7 @@ def reference_art(model, strength: float, cfg: DemoConfig, scorer) -> float:
     training rounds: the hinge's floor, and the budget's nominal floor in ``summary.json`` (the
     budget itself is paired per sample). Why not the evaluation set's: the rounds use other
     prompts, which judge art differently (0.861 vs 0.888 at 0.5)."""
-    from .toy import sample
+    from .model import sample
 
     prompts, payloads, seeds = round_items(replace(cfg, mirrored=False), 900, 0)  # a reference: every seed distinct
     codes = [world.toy_code(p) for p in payloads]
@@ -266,7 +266,7 @@ def reference_art(model, strength: float, cfg: DemoConfig, scorer) -> float:
 
 def demo_jobs(cfg: DemoConfig, r: int, strength: float, controlnet: str) -> list[Any]:
     """Round ``r``'s jobs: one :class:`rl.collect.Job` per (prompt, payload) group of ``round_items``."""
-    from .collect import Job
+    from ..collect import Job
 
     prompts, payloads, seeds = round_items(cfg, 1000 + r, r)
     k = cfg.group_size
@@ -295,8 +295,8 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
     follows it down, so a high-strength round is allowed the art that strength costs the
     pretrained ControlNet (docs/research-log.md, "The curriculum under an art budget").
     """
-    from . import rounds
-    from .toy_backend import LocalToyBackend, ToyScoring
+    from .. import rounds
+    from .backend import LocalToyBackend, ToyScoring
 
     feedback = cfg.feedback()
     backend = LocalToyBackend(
@@ -349,7 +349,7 @@ def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: 
     """One offline training round on this round's shards (rl.rounds.train_round; ``cfg.train.objective``;
     rwr trains the plain ControlNet at the round's base ``strength``, the AdamW state carried over
     from ``optimizer_from``, the previous round's run folder). Returns the new ControlNet and its run folder."""
-    from . import rounds
+    from .. import rounds
 
     settings = trainer_settings(cfg)
     tc = rounds.train_config(
@@ -369,8 +369,8 @@ def _evaluate(model, controlnet, strength, cfg: DemoConfig, scorer, base_images,
               luma_control: bool = False, guidance=None) -> dict[str, Any]:
     """The fixed evaluation set at ``strength``; both art judges (the trained-on CLIP similarity and
     the held-out structure similarity, rl.art_judge)."""
-    from .art_judge import structure_similarity
-    from .toy import measure
+    from ..art_judge import structure_similarity
+    from .model import measure
 
     seeds = list(range(50_000 + 1000 * cfg.seed, 50_000 + 1000 * cfg.seed + cfg.eval_samples))
     m = measure(model, strength, seeds, controlnet=controlnet, scorer=scorer, base_images=base_images,
@@ -426,9 +426,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     cfg.validate()
     from tqdm.auto import tqdm
 
-    from .rounds import base_strength, update_curve
-    from .toy import ToyModel, eval_prompts_codes, sample
-    from .weights import load_controlnet
+    from ..rounds import base_strength, update_curve
+    from ..weights import load_controlnet
+    from .model import ToyModel, eval_prompts_codes, sample
 
     say = log or (lambda m: tqdm.write(f"qr-rl demo: {m}"))
     if cfg.threads:
@@ -459,13 +459,13 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
     level_budget = (cfg.art_budget == "level" and cfg.learn_schedule and cfg.schedule_shape != "per_step"
                     and cfg.art_floor > 0)
     if level_budget:
-        from .art_budget import LevelBudget
+        from ..art_budget import LevelBudget
 
         say(f"art budget: each round's mean art similarity >= {cfg.art_floor:g} × the pretrained ControlNet's at "
             f"{low} on the same prompts and seeds, held by the strength curve's level")
         budget = LevelBudget(floor=cfg.art_floor * reference_art(model, low, cfg, scorer), art_weight=cfg.clip_weight)
     elif cfg.art_floor > 0 and cfg.art_price_lr > 0:
-        from .art_budget import ArtBudget
+        from ..art_budget import ArtBudget
 
         if cfg.art_budget == "level":
             say("art budget: no learned curve level to hold it (per-step curve or no curve), so it is priced instead")
@@ -480,7 +480,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
             f"pretrained ControlNet at {low} on training prompts)")
     schedule, feedback_gains = None, None
     if cfg.learn_schedule:
-        from .schedule_policy import SchedulePolicy
+        from ..schedule_policy import SchedulePolicy
 
         schedule = SchedulePolicy(model.steps, sigma=cfg.schedule_sigma, lr=cfg.schedule_lr, shape=cfg.schedule_shape)
         if cfg.module_feedback and cfg.learn_feedback:  # (low, high) learned the same way as the curve
@@ -567,7 +567,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoR
                       cfg.guidance())
     positions = None
     if schedule is not None:  # the node measures progress as 1 − timestep/999 (ComfyUI's percent)
-        from .toy import sampling_schedule
+        from .model import sampling_schedule
 
         positions = [1.0 - float(t) / 999.0 for t in sampling_schedule(model.steps)[1]]
         schedule.save(out / "schedule.json", base=low, positions=positions,
@@ -716,8 +716,8 @@ def plot_curves(rounds: list[dict[str, Any]], before: dict[str, Any], after: dic
 def sample_grid(rows: list[tuple[str, torch.Tensor]], path: Path, n: int = 8, scale: int = 2) -> Path:
     """PNG: one row per ``(label, images [B,3,H,W])`` (e.g. no ControlNet / pretrained / tuned / tuned +
     tricks), the first ``n`` evaluation samples each; the labels are in ``table.md``'s order."""
-    from .image_io import save_png
-    from .toy import images_hwc_uint8
+    from ..image_io import save_png
+    from .model import images_hwc_uint8
 
     n = min(n, rows[0][1].shape[0])
     strips = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import QRRLError
+from ..errors import QRRLError
 
 IMAGE_SIZE = 64
 #: The toy "latent": the [-1, 1] image folded 2x2 into channels (pixel unshuffle), 12x32x32.
@@ -194,7 +194,7 @@ _PAYLOAD_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 def toy_code(payload: str, mask: int | None = None):
     """The toy world's QR code: version 1, ECC H, 2-module quiet zone (25 modules across)."""
-    from .qr import encode
+    from ..qr import encode
 
     return encode(payload, ecc=QR_ECC, version=QR_VERSION, mask=mask, module_px=1, border=QR_BORDER)
 

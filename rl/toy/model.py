@@ -2,7 +2,7 @@
 
 Why: ``qr-rl demo`` must show RL + curriculum making QR art scan on a CPU with no network, so
 the project trains its own miniature of SD1.5 + a QR ControlNet + CLIP on the procedural world
-of :mod:`rl.toy_world` (``qr-rl toy pretrain``) and ships the weights in ``rl/assets/toy``.
+of :mod:`rl.toy.world` (``qr-rl toy pretrain``) and ships the weights in ``rl/toy/assets``.
 
 Everything downstream is the real machinery, unchanged:
 
@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import toy_world as world
-from .errors import QRRLError
-from .files import atomic_write_json
+from ..errors import QRRLError
+from ..files import atomic_write_json
+from . import world
 
-ASSETS = Path(__file__).resolve().parent / "assets" / "toy"
+ASSETS = Path(__file__).resolve().parent / "assets"
 FILES = {
     "unet": "unet.safetensors",
     "controlnet": "controlnet.safetensors",
@@ -141,7 +141,7 @@ class ToyTextEncoder(torch.nn.Module):
 
 
 def _models():
-    from .weights import ensure_model_imports
+    from ..weights import ensure_model_imports
 
     ensure_model_imports()
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -162,7 +162,7 @@ def build_controlnet(unet):
 
 def build_clip(seed: int = 0):
     """The toy image-text model (random weights): an ``open_clip.CLIP``."""
-    from ._compat import ensure_torchvision_importable
+    from .._compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     import open_clip
@@ -215,7 +215,7 @@ class ToyModel:
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write the four safetensors files + configs + ``toy.json`` atomically (fp32)."""
-        from .files import atomic_save_safetensors
+        from ..files import atomic_save_safetensors
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -232,10 +232,10 @@ class ToyModel:
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str] | None = None) -> ToyModel:
-        """Load a toy model folder (default: the weights shipped in ``rl/assets/toy``); no network."""
+        """Load a toy model folder (default: the weights shipped in ``rl/toy/assets``); no network."""
         from safetensors.torch import load_file
 
-        from .weights import load_controlnet, load_unet
+        from ..weights import load_controlnet, load_unet
 
         folder = Path(folder) if folder is not None else ASSETS
         info_path = folder / CONFIG_FILE
@@ -269,7 +269,7 @@ class ToyModel:
 
     def clip_scorer(self):
         """The art-similarity scorer: ``ClipScorer`` over the toy CLIP and the toy tokenizer."""
-        from .clip_score import ClipScorer
+        from ..clip_score import ClipScorer
 
         return ClipScorer.from_model(self.clip, world.tokenize, arch="toy-clip")
 
@@ -280,7 +280,7 @@ class ToyModel:
         image / prompt" to 0 and "the same image / the right prompt" to 1 for the toy CLIP,
         whose raw cosines are not in real CLIP's ranges.
         """
-        from .clip_score import clip_reward
+        from ..clip_score import clip_reward
 
         ranges = self.info.get("clip_ranges") or {}
         return clip_reward(scorer or self.clip_scorer(), images.permute(0, 2, 3, 1), list(prompts),
@@ -295,8 +295,8 @@ class ToyModel:
         ``no_grad``): a caller who samples between optimizer steps must not find its
         parameters silently frozen.
         """
-        from .luma_control import folded_luma_projection
-        from .policy import Policy
+        from ..luma_control import folded_luma_projection
+        from ..policy import Policy
 
         cn = controlnet if controlnet is not None else self.controlnet
         flags = [p.requires_grad for p in cn.parameters()]
@@ -398,7 +398,7 @@ def sample(
     (:class:`rl.scan_guidance.ScanGuidance`) nudges each guided step's prediction toward a readable
     code; the record then holds the guided predictions.
     """
-    from .sampling import initial_noise, sample_loop
+    from ..sampling import initial_noise, sample_loop
 
     steps = steps or model.steps
     eta = float(model.info["sampling"]["eta"] if eta is None else eta)
@@ -426,11 +426,11 @@ def sample(
         raise QRRLError("feedback_gains needs feedback (a ModuleFeedback) to act on")
     guide_light = None
     if guidance is not None and codes is not None:
-        from .module_feedback import light_grids
+        from ..module_feedback import light_grids
 
         guide_light = light_grids(codes)
     if feedback is not None and codes is not None:
-        from .module_feedback import light_grids
+        from ..module_feedback import light_grids
 
         light = light_grids(codes)
         gains = torch.tensor([feedback.gains()] * n) if feedback_gains is None else torch.as_tensor(
@@ -455,13 +455,13 @@ def sample(
                     maps=maps, emb=emb) -> torch.Tensor:
             smap = None
             if light is not None and prev:
-                from .module_feedback import strength_map
+                from ..module_feedback import strength_map
 
                 smap = strength_map(latents_to_images(prev[0]), light[sl], gains[sl, 0], gains[sl, 1],
                                     feedback.margin, feedback.softness, world.LATENT_SIZE, feedback.contrast(k, steps))
             d = policy.denoise(x, sigma, timesteps[k], c, u, h, st[:, k], cfg, strength_map=smap, hint_embedding=emb)
             if guide_light is not None and guidance.active(k, steps):
-                from .scan_guidance import guide
+                from ..scan_guidance import guide
 
                 d = guide(d, latents_to_images, guide_light[sl], guidance)[0]
             if light is not None:
@@ -682,7 +682,7 @@ def measure(model: ToyModel, strength: float | Sequence[float], seeds: Sequence[
     """Decode rate, module accuracy, art similarity (clip_image vs the no-ControlNet sample) at ``strength``
     (with ``feedback``, a :class:`rl.module_feedback.ModuleFeedback`, on top; ``luma_control`` and
     ``guidance`` as in :func:`sample`)."""
-    from .scan import scan_reward
+    from ..scan import scan_reward
 
     n = len(seeds)
     prompts, codes, _ = eval_prompts_codes(n, offset)

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .collect import Backend, Job, JobResult
-from .errors import QRRLError
-from .files import atomic_move, sha256_file
+from ..collect import Backend, Job, JobResult
+from ..errors import QRRLError
+from ..files import atomic_move, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .loop import LoopConfig
+    from ..loop import LoopConfig
 
 #: Payload sampled when a run names none.
 DEFAULT_PAYLOADS = ("QR-RL",)
@@ -29,7 +29,7 @@ DEFAULT_PAYLOADS = ("QR-RL",)
 
 def default_prompts() -> list[str]:
     """Prompts sampled when a run names none (two of the toy world's demo prompts)."""
-    from .toy import DEMO_PROMPTS
+    from .model import DEMO_PROMPTS
 
     return list(DEMO_PROMPTS[:2])
 
@@ -67,14 +67,14 @@ class LocalToyBackend:
                  controlnet_module: Any = None, feedback: Any = None, luma_control: bool = False,
                  guidance: Any = None, scoring: ToyScoring | None = None, scorer: Any = None,
                  extra_meta: Mapping[str, Any] | None = None):
-        from .toy import ToyModel
+        from .model import ToyModel
 
         self.model = model if model is not None else ToyModel.load(model_folder)
         self.model_folder = self.model.folder
         self.controlnet_path = Path(controlnet) if controlnet else self.model.controlnet_path
         self.controlnet_module = controlnet_module
         if controlnet and controlnet_module is None:
-            from .weights import load_controlnet
+            from ..weights import load_controlnet
 
             self.controlnet_module = load_controlnet(controlnet, self.model.controlnet_config_path).requires_grad_(False)
         self.steps = steps
@@ -94,7 +94,7 @@ class LocalToyBackend:
 
     def step_percents(self) -> list[float]:
         """Each sampling step's progress as ComfyUI measures it (``1 − timestep/999``)."""
-        from .toy import sampling_schedule
+        from .model import sampling_schedule
 
         return [1.0 - float(t) / 999.0 for t in sampling_schedule(self.steps or self.model.steps)[1]]
 
@@ -102,7 +102,7 @@ class LocalToyBackend:
         """What the sampler takes for ``job`` and the shard's ``strength_schedule``: the job's
         strength (constant curve), or with per-sample keyframes the ``[B][K]`` table they give
         (read at each step's percent, as the RL sampler's ``keyframes_per_sample`` does)."""
-        from .collect import keyframes_table
+        from ..collect import keyframes_table
 
         if not job.keyframes:
             return job.strength, {"curve": "constant", "strength_start": job.strength, "strength_end": job.strength,
@@ -126,9 +126,9 @@ class LocalToyBackend:
 
     def score(self, job: Job, images, codes, base):
         """The job's :class:`rl.reward.Reward` (``scoring``'s terms)."""
-        from .reward import combine_rewards, floor_penalty
-        from .scan import scan_reward
-        from .toy import images_hwc_uint8, sample
+        from ..reward import combine_rewards, floor_penalty
+        from ..scan import scan_reward
+        from .model import images_hwc_uint8, sample
 
         sc, n = self.scoring, len(job.seeds)
         prompts = [job.prompt] * n
@@ -150,11 +150,11 @@ class LocalToyBackend:
             progress: Callable[[dict[str, Any]], None] | None = None) -> None:
         import torch
 
-        from .image_io import save_png
-        from .luma_control import projection_meta
-        from .toy import images_hwc_uint8, sample
-        from .toy_world import LATENT_FACTOR, parse_prompt, toy_code
-        from .trajectory import Trajectory, shard_metadata, write_shard
+        from ..image_io import save_png
+        from ..luma_control import projection_meta
+        from ..trajectory import Trajectory, shard_metadata, write_shard
+        from .model import images_hwc_uint8, sample
+        from .world import LATENT_FACTOR, parse_prompt, toy_code
 
         base_sha = sha256_file(self.model.unet_path)
         cn_sha = sha256_file(self.controlnet_path)
@@ -221,12 +221,12 @@ class ToyLoopBackend:
         """Nothing beyond the shared settings: the model folder is read when the loop starts."""
 
     def _folder(self) -> Path:
-        from .toy import ASSETS
+        from .model import ASSETS
 
         return Path(self.cfg.toy_model) if self.cfg.toy_model else ASSETS
 
     def initial_controlnet(self) -> dict[str, str]:
-        from .toy import FILES
+        from .model import FILES
 
         path = Path(self.cfg.controlnet) if self.cfg.controlnet else self._folder() / FILES["controlnet"]
         if not path.is_file():
@@ -234,7 +234,7 @@ class ToyLoopBackend:
         return {"name": path.name, "path": str(path)}
 
     def trainer_models(self) -> tuple[Path, Path, Path]:
-        from .toy import CONTROLNET_CONFIG_FILE, FILES, UNET_CONFIG_FILE
+        from .model import CONTROLNET_CONFIG_FILE, FILES, UNET_CONFIG_FILE
 
         folder = self._folder()
         return folder / FILES["unet"], folder / UNET_CONFIG_FILE, folder / CONTROLNET_CONFIG_FILE
@@ -246,7 +246,7 @@ class ToyLoopBackend:
         """Each sampling step's ComfyUI percent (the loop writes one keyframe per step)."""
         import json
 
-        from .toy import CONFIG_FILE, sampling_schedule
+        from .model import CONFIG_FILE, sampling_schedule
 
         steps = self.cfg.steps or int(json.loads((self._folder() / CONFIG_FILE).read_text())["sampling"]["steps"])
         return [1.0 - float(t) / 999.0 for t in sampling_schedule(steps)[1]]
