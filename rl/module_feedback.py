@@ -167,7 +167,7 @@ def latent_rgb(latents: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor 
 class LatentFeedback:
     """Module feedback for a latent-space sampler (the ComfyUI node): call :meth:`observe` with
     each step's prediction; :attr:`map` is then the gain map ``[B,1,h,w]`` for the next step
-    (``None`` before the first observation, i.e. gain 1 on step 1, as in :func:`rl.toy.sample`).
+    (``None`` before the first observation, i.e. gain 1 on step 1, as in :func:`rl.toy.model.sample`).
 
     ``light`` ``[B,N,N]`` is the code's module grid with quiet zone, aligned with the whole
     (square) latent; ``wrong_fraction`` logs, per observed step, the mean share of modules not
