@@ -509,10 +509,10 @@ def _round_metrics(summary: Mapping[str, Any], strength: float) -> dict[str, Any
 
 def _collect_round(cfg: LoopConfig, backend: LoopBackend, rec: dict[str, Any], r: int, round_dir: Path,
                    prompts: list[str], payloads: list[str], run_dir: Path):
-    from .rounds import collect_round
+    from .collect import collect
 
     jobs = round_jobs(cfg, backend, rec, r, prompts, payloads)
-    return collect_round(jobs, backend.collector(rec, r, run_dir), round_dir, progress=cfg.progress)
+    return collect(jobs, backend.collector(rec, r, run_dir), round_dir, progress=cfg.progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,7 +603,8 @@ def update_schedule(cfg: LoopConfig, backend: LoopBackend, rec: Mapping[str, Any
 
 def _train_round(cfg: LoopConfig, backend: LoopBackend, rec: dict[str, Any], r: int, round_dir: Path,
                  base_cn: Mapping[str, str], say) -> Path:
-    from .rounds import train_config, train_round
+    from .rounds import train_config
+    from .train import train
 
     checkpoint, unet_cfg, cn_cfg = backend.trainer_models()
     # one AdamW for the run, as the demo: round r starts from round r-1's moments (a fresh one every
@@ -615,7 +616,7 @@ def _train_round(cfg: LoopConfig, backend: LoopBackend, rec: dict[str, Any], r: 
                       anchor=base_cn["path"], run_dir=round_dir / "train" / "run", unet_config=unet_cfg,
                       controlnet_config=cn_cfg, resume=True, run_name=cfg.name, progress=cfg.progress,
                       optimizer_from=carried)
-    return Path(train_round(tc, log=lambda m: say(f"train: {m}")).out)
+    return Path(train(tc, log=lambda m: say(f"train: {m}")).out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,11 +27,11 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
-    from .collect import Backend, CollectReport, Job
+    from .collect import Job
     from .ddpo import Advantages
     from .schedule import Curriculum
     from .schedule_policy import SchedulePolicy
-    from .train import TrainConfig, TrainResult
+    from .train import TrainConfig
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,15 +108,7 @@ def per_sample(jobs: Sequence[Job], keyframes: Sequence[str] | None = None,
 
 
 # --------------------------------------------------------------------------------------------
-# 3. collect and score (the backend samples and scores; the manifest makes it resumable)
-
-
-def collect_round(jobs: Sequence[Job], backend: Backend, round_dir: str | os.PathLike[str], progress: bool = True,
-                  log: Callable[[str], None] | None = None) -> CollectReport:
-    """The round's jobs through ``backend``: shards in ``round_dir/shards``, ``round_dir/manifest.json``."""
-    from .collect import collect
-
-    return collect(jobs, backend, round_dir, progress=progress, log=log)
+# 3. read back what the backend collected and scored (rl.collect.collect: shards + manifest)
 
 
 @dataclass
@@ -254,10 +246,3 @@ def train_config(settings: TrainerSettings, r: int, *, shards: Sequence[str | os
         base["anchor_controlnet"] = anchor
     return TrainConfig(trajectories=[str(s) for s in shards], checkpoint=checkpoint, controlnet=controlnet, out=out,
                        round=r, **(base | round_fields))
-
-
-def train_round(config: TrainConfig, log: Callable[[str], None]) -> TrainResult:
-    """Train the ControlNet on the round's shards (offline, as ``qr-rl train``)."""
-    from .train import train
-
-    return train(config, log=log)

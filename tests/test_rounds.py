@@ -62,7 +62,9 @@ def test_one_round_through_a_backend(tiny_toy, tmp_path):  # noqa: F811
     jobs = plan_jobs([TOY_PROMPT], ["QR-RL", "HI"], 2, 0, 0, 1.0, batch=2)
     draw = rounds.draw_curves(policy, 4, 1.0, np.random.default_rng(1), False, backend.step_percents())
     jobs = rounds.per_sample(jobs, draw.keyframes)
-    report = rounds.collect_round(jobs, backend, tmp_path / "r0", progress=False, log=lambda m: None)
+    from rl.collect import collect
+
+    report = collect(jobs, backend, tmp_path / "r0", progress=False, log=lambda m: None)
     assert report.done == 2
     got = rounds.read_round(tmp_path / "r0", jobs)
     assert len(got.shards) == 2 and got.reward.shape == (4,) and got.components["decoded"].shape == (4,)

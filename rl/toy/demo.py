@@ -296,6 +296,7 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
     pretrained ControlNet (docs/research-log.md, "The curriculum under an art budget").
     """
     from .. import rounds
+    from ..collect import collect
     from .backend import LocalToyBackend, ToyScoring
 
     feedback = cfg.feedback()
@@ -316,7 +317,7 @@ def collect_round(model, controlnet, controlnet_path: Path, strength: float, r: 
         gains, fb_delta = feedback_gains.draw(n, list(feedback.gains()), np.random.default_rng([cfg.seed, 3000 + r]),
                                               mirrored=cfg.explores_in_pairs)
     jobs = rounds.per_sample(jobs, None if draw is None else draw.keyframes, None if gains is None else gains.tolist())
-    rounds.collect_round(jobs, backend, round_dir, progress=False, log=lambda m: None)
+    collect(jobs, backend, round_dir, progress=False, log=lambda m: None)
     got = rounds.read_round(round_dir, jobs)
     comp = got.components
     row: dict[str, Any] = {}
@@ -346,10 +347,11 @@ def trainer_settings(cfg: DemoConfig) -> TrainerSettings:
 def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: int, cfg: DemoConfig,
                 log: Callable[[str], None], strength: float,
                 optimizer_from: Path | None = None) -> tuple[Path, Path, dict[str, Any]]:
-    """One offline training round on this round's shards (rl.rounds.train_round; ``cfg.train.objective``;
+    """One offline training round on this round's shards (rl.train.train; ``cfg.train.objective``;
     rwr trains the plain ControlNet at the round's base ``strength``, the AdamW state carried over
     from ``optimizer_from``, the previous round's run folder). Returns the new ControlNet and its run folder."""
     from .. import rounds
+    from ..train import train
 
     settings = trainer_settings(cfg)
     tc = rounds.train_config(
@@ -358,7 +360,7 @@ def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: 
         optimizer_from=optimizer_from, unet_config=model.unet_config_path,
         controlnet_config=model.controlnet_config_path, run_name="demo", export_layout="diffusers", progress=False,
         min_group_size=cfg.group_size)
-    res = rounds.train_round(tc, log=log)
+    res = train(tc, log=log)
     last = res.metrics[-1] if res.metrics else {}
     keep = ("loss", "rmse", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm")
     return Path(res.out), res.run_dir, {k: float(last[k]) for k in keep if k in last} | {
