@@ -41,6 +41,11 @@ TITLE_CKPT_SAMPLER = "RL Sampler.ckpt_name"
 TITLE_RUN = "Recorder.run_name"
 #: One keyframes line per batch item (an optional input: set even where the workflow leaves it out).
 TITLE_KEYFRAMES_PER_SAMPLE = "RL Sampler.keyframes_per_sample"
+#: The sampler's tricks (``qr-rl loop``'s module_feedback / luma_control): the RL sampler's qr_code input,
+#: linked to the QR encoder's qr_code output (output 2 of QR Code Encode), turns module feedback on.
+TITLE_FEEDBACK_CODE = "RL Sampler.qr_code"
+QR_CODE_OUTPUT = 2
+TITLE_LUMA = "RL Sampler.luma_control"
 
 
 
@@ -73,6 +78,22 @@ def with_input(api_prompt: Mapping[str, Any], key: str, value: Any) -> dict[str,
     return out
 
 
+def with_tricks(api_prompt: Mapping[str, Any], module_feedback: bool = False,
+                luma_control: bool = False) -> dict[str, Any]:
+    """``api_prompt`` with the RL sampler's tricks switched on: module feedback (its ``qr_code`` input
+    linked to the hint's QR encoder, the node whose ``payload`` the collector sets) and luma-only
+    control. Off leaves the workflow as it is (a workflow may wire them itself)."""
+    from .comfy_client import find_node
+
+    out = dict(api_prompt)
+    if module_feedback:
+        encoder = find_node(out, TITLE_PAYLOAD.rsplit(".", 1)[0])
+        out = with_input(out, TITLE_FEEDBACK_CODE, [encoder, QR_CODE_OUTPUT])
+    if luma_control:
+        out = with_input(out, TITLE_LUMA, True)
+    return out
+
+
 class ComfyBackend:
     """Run jobs as overrides of one API-format workflow on ComfyUI servers."""
 
@@ -82,7 +103,8 @@ class ComfyBackend:
                  per_server_concurrency: int = 1, run_name: str = "qr-rl", controlnet: str | None = None,
                  checkpoint: str | None = None, negative: str | None = None, curve: str = "constant",
                  end_ratio: float = 1.0, overrides: Mapping[str, Any] | None = None, job_timeout: float = 1800.0,
-                 request_timeout: float = 30.0, retries: int = 3, key_salt: str = ""):
+                 request_timeout: float = 30.0, retries: int = 3, key_salt: str = "",
+                 module_feedback: bool = False, luma_control: bool = False):
         from .comfy_client import ServerPool, apply_overrides
         from .schedule import CURVES
         from .trajectory import sanitize_run_name
@@ -111,6 +133,7 @@ class ComfyBackend:
         self.job_timeout = float(job_timeout)
         self.key_salt = key_salt
         self.pool = ServerPool(list(servers), per_server_concurrency, timeout=request_timeout, retries=retries)
+        self.workflow = with_tricks(self.workflow, module_feedback, luma_control)
         # fail early on overrides naming no node (before any server is contacted)
         apply_overrides(self.workflow, self.overrides)
         self._apply = apply_overrides
@@ -231,4 +254,5 @@ class ComfyLoopBackend:
         return ComfyBackend(cfg.workflow, cfg.servers, cfg.per_server_concurrency, run_name=cfg.name,
                             controlnet=rec["controlnet"], checkpoint=Path(str(cfg.checkpoint)).name,
                             negative=cfg.negative, curve=cfg.curve, end_ratio=cfg.end_ratio, overrides=overrides,
-                            job_timeout=cfg.job_timeout, key_salt=str(run_dir.resolve()))
+                            job_timeout=cfg.job_timeout, key_salt=str(run_dir.resolve()),
+                            module_feedback=cfg.module_feedback, luma_control=cfg.luma_control)

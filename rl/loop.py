@@ -48,11 +48,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from .collect import Backend
 
 STATE_VERSION = 1
+#: Which ControlNet a round samples with (``LoopConfig.teacher``): the one trained so far (on-policy,
+#: what ddpo needs), or the run's starting one every round while the trained one only learns (a fixed
+#: teacher: with a current one the rwr student's weaker code became the next teacher and the loop
+#: spiralled down on the toy; docs/research-log.md).
+TEACHERS = ("current", "pretrained")
 PHASES = ("collect", "train", "export", "done")
 #: Settings that must not change when a run folder is resumed (they define what was sampled).
 FROZEN_KEYS = ("name", "backend", "prompts", "payloads", "seeds", "seed_start", "batch", "curriculum",
                "start_strength", "end_strength", "target_decode_rate", "curriculum_step", "curve", "end_ratio",
-               "learn_schedule", "schedule_sigma")
+               "learn_schedule", "schedule_sigma", "teacher", "module_feedback", "luma_control")
 METRIC_COLUMNS = ("round", "strength", "decode_rate", "module_accuracy", "clip_text", "clip_image", "reward",
                   "samples", "controlnet", "exported")
 #: The flat trainer keys of earlier releases → their key in ``LoopConfig.train`` (deprecated aliases).
@@ -142,6 +147,10 @@ class LoopConfig:
     learn_schedule: bool = False
     schedule_sigma: float = 0.2  # log-gain exploration of the curve's level and tilt
     schedule_lr: float = 2.0  # natural-gradient step of the curve's mean log-gain
+    # the sampler's tricks and who samples (the demo's recipe: rwr distils the tricks of a fixed teacher)
+    teacher: str = "current"  # current: each round samples with the ControlNet trained so far | pretrained: the start
+    module_feedback: bool = False  # the RL sampler pushes harder on modules each step's preview still gets wrong
+    luma_control: bool = False  # the ControlNet changes only the luma of each step's prediction
     # where
     backend: str = "comfy"  # a key of BACKENDS: "comfy" | "local"
     servers: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8188"])
@@ -234,6 +243,12 @@ class LoopConfig:
             raise QRRLError(f"per_server_concurrency must be >= 1, got {self.per_server_concurrency}")
         # fail before the first collection, not after it
         self.train.validate()
+        if self.teacher not in TEACHERS:
+            raise QRRLError(f"teacher must be {' or '.join(TEACHERS)}, got {self.teacher!r}")
+        if self.teacher == "pretrained" and self.train.objective == "ddpo":
+            raise QRRLError("teacher = 'pretrained' samples every round with the starting ControlNet, but ddpo learns "
+                            "only from the policy's own samples (its ratios would compare two different models): "
+                            "use train.objective = 'rwr' (which distils the teacher's tricks), or teacher = 'current'")
         if self.learn_schedule:
             from .schedule_policy import check_schedule_options
 
@@ -438,8 +453,11 @@ def run_loop(cfg: LoopConfig, log: Callable[[str], None] | None = None,
                 strength = next_strength(curriculum, state.rounds, r)
                 prev = state.rounds[r - 1]["exported_name"] if r > 0 else base_cn["name"]
                 prev_path = state.rounds[r - 1]["exported"] if r > 0 else base_cn["path"]
-                state.rounds.append({"round": r, "phase": "collect", "strength": strength, "controlnet": prev,
-                                     "controlnet_path": prev_path, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ")})
+                teacher = base_cn if cfg.teacher == "pretrained" else {"name": prev, "path": prev_path}
+                # "controlnet": what the round samples with; "train_from": the weights its training starts from
+                state.rounds.append({"round": r, "phase": "collect", "strength": strength,
+                                     "controlnet": teacher["name"], "controlnet_path": teacher["path"],
+                                     "train_from": prev_path, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ")})
                 if cfg.learn_schedule:  # drawn once and kept: a resumed collect plans the very same jobs
                     state.rounds[-1]["schedule_draw"] = draw_schedule(cfg, backend, run_dir, r, strength,
                                                                       round_jobs(cfg, backend, state.rounds[-1], r,
@@ -611,8 +629,12 @@ def _train_round(cfg: LoopConfig, backend: LoopBackend, rec: dict[str, Any], r: 
     # round makes its first steps ≈ lr·sign(g) per weight, whatever the gradient)
     prev = round_dir.parent / f"r{r - 1:03d}" / "train" / "run"
     carried = prev if r > 0 and (prev / "checkpoint.safetensors").is_file() else None
+    # rwr trains the plain ControlNet at the round's base strength: the file a stock sampler loads at that
+    # strength should draw what the tricks drew there (the demo's recipe)
+    rwr = {"target_strength": float(rec["strength"])} if cfg.train.objective == "rwr" else {}
     tc = train_config(cfg.train, r, shards=_manifest_paths(round_dir), checkpoint=checkpoint,
-                      controlnet=rec["controlnet_path"], out=round_dir / "train" / "controlnet.safetensors",
+                      controlnet=rec.get("train_from", rec["controlnet_path"]),
+                      out=round_dir / "train" / "controlnet.safetensors", **rwr,
                       anchor=base_cn["path"], run_dir=round_dir / "train" / "run", unet_config=unet_cfg,
                       controlnet_config=cn_cfg, resume=True, run_name=cfg.name, progress=cfg.progress,
                       optimizer_from=carried)

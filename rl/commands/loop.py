@@ -88,6 +88,16 @@ OPTIONS: list[Option] = [
      help="--learn-schedule: log-gain exploration of the curve (default 0.2)")),
     ("schedule_lr", "--schedule-lr", dict(type=float,
      help="--learn-schedule: natural-gradient step of the curve's mean log-gain (default 2.0)")),
+    ("teacher", "--teacher", dict(choices=("current", "pretrained"),
+     help="which ControlNet each round samples with: current (the one trained so far, what ddpo needs) or "
+          "pretrained (the starting one every round, a fixed teacher whose tricks rwr distils into the trained "
+          "one: the demo's recipe) (default current)")),
+    ("module_feedback", "--module-feedback", dict(action=argparse.BooleanOptionalAction,
+     help="module feedback in the RL sampler: more ControlNet on the modules each step's preview still gets "
+          "wrong (links the sampler's qr_code input; default off)")),
+    ("luma_control", "--luma-control", dict(action=argparse.BooleanOptionalAction,
+     help="luma-only control in the RL sampler: the ControlNet changes only the luma of each prediction "
+          "(one more model call per step; default off)")),
     ("backend", "--backend", dict(help="comfy (ComfyUI servers, default) or local (in-process toy model)")),
     ("servers", "--server", dict(action="append", help="ComfyUI URL (repeatable; default http://127.0.0.1:8188)")),
     ("per_server_concurrency", "--per-server-concurrency", dict(type=int,

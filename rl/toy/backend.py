@@ -124,6 +124,17 @@ class LocalToyBackend:
                             f"{len(job.seeds)} samples")
         return torch.tensor(job.feedback_gains, dtype=torch.float32)
 
+    def _per_seed(self, job: Job, draw: Callable[[list[str], list[int]], Any]):
+        """``draw(prompts, seeds)`` once per distinct seed of ``job``, spread back to every sample: a
+        mirrored pair shares its seed, so its base image and its pretrained reference are the same
+        picture (each sample's noise depends only on its seed); sampling them once saves a quarter of
+        a round's model passes."""
+        unique = list(dict.fromkeys(job.seeds))
+        images = draw([job.prompt] * len(unique), unique)
+        if len(unique) == len(job.seeds):
+            return images
+        return images[[unique.index(s) for s in job.seeds]]
+
     def score(self, job: Job, images, codes, base):
         """The job's :class:`rl.reward.Reward` (``scoring``'s terms)."""
         from ..reward import combine_rewards, floor_penalty
@@ -139,8 +150,8 @@ class LocalToyBackend:
             parts.append(floor_penalty(art.components["clip_image"], sc.art_floor))
             weights.append(sc.art_floor_weight)
         if sc.budget is not None:  # paired: the pretrained ControlNet's art for the same items, × the fraction
-            plain = sample(self.model, prompts, codes, list(job.seeds), job.strength, steps=self.steps,
-                           record=False).images
+            plain = self._per_seed(job, lambda p, s: sample(self.model, p, codes[:len(s)], s, job.strength,
+                                                            steps=self.steps, record=False).images)
             floors = sc.budget_fraction * self.model.art_reward(plain, prompts, base, self._scorer).components["clip_image"]
             parts.append(sc.budget.reward(art.components["clip_image"], floors=floors))
             weights.append(1.0)
@@ -169,8 +180,8 @@ class LocalToyBackend:
             out = sample(self.model, [job.prompt] * n, codes, list(job.seeds), strength,
                          controlnet=self.controlnet_module, steps=self.steps, feedback=self.feedback,
                          feedback_gains=gains, luma_control=self.luma_control, guidance=self.guidance)
-            base = sample(self.model, [job.prompt] * n, None, list(job.seeds), 0.0, steps=self.steps,
-                          record=False).images
+            base = self._per_seed(job, lambda p, s: sample(self.model, p, None, s, 0.0, steps=self.steps,
+                                                           record=False).images)
             reward = self.score(job, out.images, codes, base)
             info = self.model.info
             fb = self.feedback
@@ -252,6 +263,11 @@ class ToyLoopBackend:
         return [1.0 - float(t) / 999.0 for t in sampling_schedule(steps)[1]]
 
     def collector(self, rec: Mapping[str, Any], r: int, run_dir: Path) -> Backend:
+        from ..module_feedback import ModuleFeedback
+
         cfg = self.cfg
-        return LocalToyBackend(cfg.toy_model, rec["controlnet_path"] if r > 0 or cfg.controlnet else None,
-                               steps=cfg.steps, run_name=cfg.name)
+        started = rec["controlnet_path"] == self.initial_controlnet()["path"]  # the shipped one, unless --controlnet
+        return LocalToyBackend(cfg.toy_model, None if started and not cfg.controlnet else rec["controlnet_path"],
+                               steps=cfg.steps, run_name=cfg.name,
+                               feedback=ModuleFeedback() if cfg.module_feedback else None,
+                               luma_control=cfg.luma_control)
