@@ -99,3 +99,23 @@ def test_a_rounds_trainer_config():
     assert plain.anchor_controlnet is None  # no pull, no anchor
     with pytest.raises(QRRLError, match="--objective must be one of"):
         rounds.TrainerSettings(objective="hope").validate()
+
+
+def test_a_mirrored_pair_samples_its_base_and_reference_once(tiny_toy):  # noqa: F811
+    """A mirrored pair shares its seed, so its base image (and the art budget's pretrained reference)
+    is one picture: the backend samples each distinct seed once and gives it to both samples."""
+    from rl.toy.backend import LocalToyBackend
+    from rl.toy.model import sample
+
+    backend = LocalToyBackend(tiny_toy, steps=3)
+    job = Job(0, 0, TOY_PROMPT, "QR-RL", (7, 7, 9, 9), 1.0, "cn.safetensors")
+    calls = []
+
+    def draw(prompts, seeds):
+        calls.append(list(seeds))
+        return sample(backend.model, prompts, None, seeds, 0.0, steps=3, record=False).images
+
+    once = backend._per_seed(job, draw)
+    assert calls == [[7, 9]]
+    every = sample(backend.model, [TOY_PROMPT] * 4, None, [7, 7, 9, 9], 0.0, steps=3, record=False).images
+    assert torch.allclose(once, every, atol=1e-5)
