@@ -58,7 +58,7 @@ def main() -> None:
                      start_strength=model.curriculum_start, end_strength=model.demo_strength, prompts=prompts,
                      payloads=list(DEMO_PAYLOADS[:2]), seeds=8, batch=8, learn_schedule=True, teacher="pretrained",
                      module_feedback=True, luma_control=True, threads=args.threads, progress=False,
-                     train=loop_trainer(objective="rwr", mode="full", lr=1e-4, epochs=1, batch_size=16,
+                     train=loop_trainer(objective="rwr", mode="full", lr=2e-4, epochs=1, batch_size=16,
                                         timestep_fraction=0.5, cpu=True, export_dtype="fp32"))
     t0 = time.perf_counter()
     res = run_loop(cfg, log=lambda m: print(f"loop: {m}", flush=True))
