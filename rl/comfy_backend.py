@@ -139,6 +139,11 @@ class ComfyBackend:
         self._apply = apply_overrides
 
     def prompt_for(self, job: Job) -> dict[str, Any]:
+        if job.feedback_gains:  # the RL sampler has one (low, high) per batch: it cannot vary them per sample
+            raise QRRLError(f"job {job.index} gives each sample its own module-feedback gains, which the RL sampler "
+                            "cannot take (one feedback_low/feedback_high per batch); learn the gains with the "
+                            "in-process toy backend, or set them for the whole run with --set "
+                            "'RL Sampler.feedback_low=...'")
         values: dict[str, Any] = {
             TITLE_PROMPT: job.prompt, TITLE_PAYLOAD: job.payload, TITLE_SEED: job.seeds[0],
             TITLE_BATCH: len(job.seeds), TITLE_CURVE: self.curve, TITLE_STRENGTH_START: job.strength,

@@ -124,3 +124,13 @@ def test_the_recipe_over_real_comfyui(comfy_server, tiny_sd_files, tmp_path):
         assert res["config"]["target_strength"] == pytest.approx(rounds[r]["strength"])
         assert res["data"]["distill_rmse"] > 0
     assert Path(rounds[1]["exported"]).is_file()
+
+
+def test_comfy_backend_refuses_per_sample_feedback_gains():
+    from rl.collect import Job
+    from rl.comfy_backend import DEFAULT_WORKFLOW, ComfyBackend
+
+    backend = ComfyBackend(json.loads(DEFAULT_WORKFLOW.read_text()), ["http://127.0.0.1:1"], module_feedback=True)
+    job = Job(0, 0, "a cat", "X", (5, 6), 1.0, "cn.safetensors", feedback_gains=((0.8, 2.0), (0.9, 1.8)))
+    with pytest.raises(QRRLError, match="cannot take"):
+        backend.prompt_for(job)
