@@ -347,6 +347,24 @@ def report(args, model) -> None:
         for seed, f in zip(seeds_of[name], arms[name])) for name in rows if name in seeds_of]
     if per_seed:
         lines += ["", "Trained arms per training seed: decode at the CLIP budget / at the SSIM budget", "", *per_seed]
+    # the recipes against the demo's default (the curriculum), paired per item
+    versus = []
+    for recipe in RECIPES[1:]:
+        for kind in ("plain", "+ tricks"):
+            mine, ref_arm = f"tuned ({recipe}){' ' if kind == '+ tricks' else ', '}{kind}", \
+                f"tuned (curriculum){' ' if kind == '+ tricks' else ', '}{kind}"
+            if mine not in arms or ref_arm not in arms:
+                continue
+            cells = []
+            for judge in ("art", "art_heldout"):
+                d = np.array([headline(arms[mine], judge, b) - headline(arms[ref_arm], judge, b) for b in boots])
+                ok = np.isfinite(headline(arms[mine], judge)) and np.isfinite(headline(arms[ref_arm], judge))
+                cells.append(f"{np.nanmean(d):+.0%} [{np.nanpercentile(d, 2.5):+.0%}, {np.nanpercentile(d, 97.5):+.0%}]"
+                             if ok else "n/a")
+                table[mine][judge]["vs_curriculum"] = [float(np.nanmean(d)), *np.nanpercentile(d, [2.5, 97.5]).tolist()]
+            versus.append(f"- {mine} vs {ref_arm}: {cells[0]} at the CLIP budget, {cells[1]} at the SSIM budget")
+    if versus:
+        lines += ["", "Recipes against the curriculum recipe (paired per item):", "", *versus]
     lines += ["", "Single points (not frontiers): best-of-N at the demo strength; its art is each draw against its own "
               "base image, so it spends no strength; samples and scans per delivered image = N.", "",
               "| arm | decode | CLIP art | SSIM art |", "|---|---|---|---|"]

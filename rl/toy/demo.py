@@ -71,7 +71,7 @@ class DemoConfig:
     out: str | os.PathLike[str]
     model: str | os.PathLike[str] | None = None  # toy model folder; None = shipped
     rounds: int = 10  # a round costs ≈ 45 s on one CPU thread (luma control: two UNet passes per step)
-    curriculum: str = "linear"  # none | linear | cosine | exponential | adaptive: high (curriculum_start) → demo strength
+    curriculum: str = "none"  # none (every round at the demo strength: measured best) | linear | cosine | exponential | adaptive: high (curriculum_start) → demo strength
     start_strength: float | None = None  # default: the model's curriculum_start
     strength: float | None = None  # the demo (end) strength; default: the model's
     hold_rounds: int = 3  # final rounds spent at the demo strength
