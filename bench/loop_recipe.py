@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dial", default="0.5,0.6", help="pretrained strengths evaluated next to the tuned file")
+    ap.add_argument("--no-learn-schedule", dest="learn_schedule", action="store_false",
+                    help="every sample at the round's base strength (no learned curve)")
     args = ap.parse_args()
 
     import torch
@@ -56,7 +58,7 @@ def main() -> None:
     prompts = [specs[i * len(specs) // 4].prompt for i in range(4)]
     cfg = LoopConfig(backend="local", run_dir=str(out / "run"), name="recipe", rounds=args.rounds, curriculum="linear",
                      start_strength=model.curriculum_start, end_strength=model.demo_strength, prompts=prompts,
-                     payloads=list(DEMO_PAYLOADS[:2]), seeds=8, batch=8, learn_schedule=True, teacher="pretrained",
+                     payloads=list(DEMO_PAYLOADS[:2]), seeds=8, batch=8, learn_schedule=args.learn_schedule, teacher="pretrained",
                      module_feedback=True, luma_control=True, threads=args.threads, progress=False,
                      train=loop_trainer(objective="rwr", mode="full", lr=2e-4, epochs=1, batch_size=16,
                                         timestep_fraction=0.5, cpu=True, export_dtype="fp32"))
@@ -72,7 +74,7 @@ def main() -> None:
             for s in args.dial.split(",")}
     tuned = load_controlnet(res.rounds[-1]["exported"], model.controlnet_config_path).requires_grad_(False)
     rows[f"loop-tuned, plain @ {low}"] = evaluate(model, scorer, tuned, low, args.eval, base)
-    report = {"rounds": [{k: r.get(k) for k in ("round", "strength", "metrics", "schedule")} for r in res.rounds],
+    report = {"learn_schedule": args.learn_schedule, "rounds": [{k: r.get(k) for k in ("round", "strength", "metrics", "schedule")} for r in res.rounds],
               "loop_seconds": round(loop_s, 1), "threads": args.threads, "eval_items": args.eval, "plain": rows}
     (out / "result.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nloop: {args.rounds} rounds in {loop_s / 60:.1f} min on {args.threads} thread(s)")

@@ -629,12 +629,9 @@ def _train_round(cfg: LoopConfig, backend: LoopBackend, rec: dict[str, Any], r: 
     # round makes its first steps ≈ lr·sign(g) per weight, whatever the gradient)
     prev = round_dir.parent / f"r{r - 1:03d}" / "train" / "run"
     carried = prev if r > 0 and (prev / "checkpoint.safetensors").is_file() else None
-    # rwr trains the plain ControlNet at the round's base strength: the file a stock sampler loads at that
-    # strength should draw what the tricks drew there (the demo's recipe)
-    rwr = {"target_strength": float(rec["strength"])} if cfg.train.objective == "rwr" else {}
     tc = train_config(cfg.train, r, shards=_manifest_paths(round_dir), checkpoint=checkpoint,
                       controlnet=rec.get("train_from", rec["controlnet_path"]),
-                      out=round_dir / "train" / "controlnet.safetensors", **rwr,
+                      out=round_dir / "train" / "controlnet.safetensors",
                       anchor=base_cn["path"], run_dir=round_dir / "train" / "run", unet_config=unet_cfg,
                       controlnet_config=cn_cfg, resume=True, run_name=cfg.name, progress=cfg.progress,
                       optimizer_from=carried)

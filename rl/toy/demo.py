@@ -83,6 +83,10 @@ class DemoConfig:
     train_controlnet: bool = True  # fine-tune the ControlNet's weights on each round's shards (rl.train)
     # the trainer's settings (rl.rounds.TrainerSettings); the demo's defaults in DEMO_TRAINER
     train: TrainerSettings = field(default_factory=lambda: demo_trainer())
+    # rwr: the strength the plain student is trained at: "recorded" (each step's, the teacher's own curve: the
+    # student learns what the tricks add at that strength) | "base" (the round's base strength: the student also
+    # absorbs the learned curve; measured weaker, research log)
+    rwr_strength: str = "recorded"
     learn_schedule: bool = True  # learn the strength curve (rl.schedule_policy, docs/research-log.md)
     schedule_shape: str = "level_slope"  # what the curve learns: level_slope (2 numbers) | level | per_step (rl.schedule_policy)
     schedule_sigma: float = 0.2  # log-gain exploration per learned number
@@ -175,6 +179,8 @@ class DemoConfig:
              "nothing to learn: --no-learn-schedule needs --train-controlnet")
         self.train.validate()
         need(self.teacher in ("pretrained", "current"), f"teacher must be pretrained or current, got {self.teacher!r}")
+        need(self.rwr_strength in ("recorded", "base"),
+             f"rwr_strength must be recorded or base, got {self.rwr_strength!r}")
         from ..module_feedback import check_feedback
         from ..schedule_policy import SHAPES, check_schedule_options
 
@@ -357,7 +363,8 @@ def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: 
     settings = trainer_settings(cfg)
     tc = rounds.train_config(
         settings, r, shards=[shard_folder], checkpoint=model.unet_path, controlnet=controlnet_path, out=out,
-        anchor=model.controlnet_path, target_strength=float(strength) if settings.objective == "rwr" else None,
+        anchor=model.controlnet_path,
+        target_strength=float(strength) if settings.objective == "rwr" and cfg.rwr_strength == "base" else None,
         optimizer_from=optimizer_from, unet_config=model.unet_config_path,
         controlnet_config=model.controlnet_config_path, run_name="demo", export_layout="diffusers", progress=False,
         min_group_size=cfg.group_size)
