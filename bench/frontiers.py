@@ -193,6 +193,14 @@ def part_train(args, model, scorer) -> None:
     run_dir = Path(args.from_run) if args.from_run else Path(args.out) / "runs" / name
     if "summary" not in res and args.from_run:  # a finished `qr-rl demo` run with these settings
         summary = json.loads((run_dir / "summary.json").read_text())
+        conf = summary.get("config", {})
+        want = {"seed": args.seed, "curriculum": "none" if args.recipe.startswith("flat") else "linear",
+                "scan_guidance": args.recipe == "guided",
+                "rwr_strength": "recorded" if args.recipe == "flat-recorded" else "base"}
+        got = {k: conf.get(k, "base" if k == "rwr_strength" else None) for k in want}
+        if got != want:
+            raise SystemExit(f"--from-run {run_dir}: its settings {got} are not recipe {args.recipe!r} at seed "
+                             f"{args.seed} ({want})")
         res["summary"] = {k: summary[k] for k in ("plain", "tricks", "schedule", "wall_time_s")} | {"from_run": str(run_dir)}
         _save(out, res)
     if "summary" not in res:
