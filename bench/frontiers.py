@@ -51,6 +51,8 @@ DIAL = (0.4, 0.5, 0.6, 0.7)
 TRICKS = (0.3, 0.4, 0.5, 0.6)
 LUMA = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # luma-only control alone keeps more art per strength: it crosses the budget later
 TUNED_PLAIN = (0.4, 0.5, 0.6)
+#: a file trained at the recorded strength spends less art per strength: its sweep goes one step further
+TUNED_PLAIN_OF = {"flat-recorded": (0.4, 0.5, 0.6, 0.7)}
 TUNED_TRICKS = (0.3, 0.4, 0.5)
 GUIDED_PLAIN = (0.2, 0.3, 0.4, 0.5)
 GUIDED_TRICKS = (0.1, 0.2, 0.3, 0.4)
@@ -213,7 +215,7 @@ def part_train(args, model, scorer) -> None:
         res["train_seconds"] = time.perf_counter() - t0
         _save(out, res)
     cn = load_controlnet(run_dir / "controlnet.safetensors", model.controlnet_config_path).requires_grad_(False)
-    for s in TUNED_PLAIN:
+    for s in TUNED_PLAIN_OF.get(args.recipe, TUNED_PLAIN):
         key = f"plain@{s}"
         if key not in res:
             res[key] = evaluate(model, scorer, s, args.items, controlnet=cn) | {"strength": s}
@@ -299,9 +301,10 @@ def report(args, model) -> None:
     for recipe in RECIPES:
         files = sorted(root.glob(f"tuned-{recipe}-seed*.json"), key=lambda f: int(f.stem.rsplit("seed", 1)[1]))
         runs = [(int(f.stem.rsplit("seed", 1)[1]), json.loads(f.read_text())) for f in files]
-        plain = [(seed, r) for seed, r in runs if all(f"plain@{s}" in r for s in TUNED_PLAIN)]
+        sweep = TUNED_PLAIN_OF.get(recipe, TUNED_PLAIN)
+        plain = [(seed, r) for seed, r in runs if all(f"plain@{s}" in r for s in sweep)]
         if plain:
-            arms[f"tuned ({recipe}), plain"] = [[r[f"plain@{s}"] for s in TUNED_PLAIN] for _, r in plain]
+            arms[f"tuned ({recipe}), plain"] = [[r[f"plain@{s}"] for s in sweep] for _, r in plain]
             seeds_of[f"tuned ({recipe}), plain"] = [seed for seed, _ in plain]
         with_tricks = [(seed, r) for seed, r in runs if all(f"tricks@{s}" in r for s in TUNED_TRICKS)]
         if with_tricks:
