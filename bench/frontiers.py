@@ -399,19 +399,22 @@ def report(args, model) -> None:
     from rl.files import atomic_write_json
 
     atomic_write_json(root / "frontiers.json", {"budgets": budgets, "table": table})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    colours = plt.get_cmap("tab20").colors  # one colour per arm: the default cycle repeats after 10
     for ax, judge, label in ((axes[0], "art", "art: CLIP similarity (trained on)"),
                              (axes[1], "art_heldout", "art: SSIM structure (held out)")):
-        for name, frontiers in arms.items():
+        for k, (name, frontiers) in enumerate(arms.items()):
             xs = [np.mean([np.mean(f[i][judge]) for f in frontiers]) for i in range(len(frontiers[0]))]
             ys = [np.mean([np.mean(f[i]["decoded"]) for f in frontiers]) for i in range(len(frontiers[0]))]
-            ax.plot(xs, ys, marker="o", label=name)
+            trained = name.startswith("tuned")
+            ax.plot(xs, ys, marker="o", ms=3, color=colours[k % len(colours)], ls="--" if trained else "-",
+                    lw=2.5 if name == f"tuned ({RECIPES[-1]}), plain" else 1.2, label=name)
         for name, d in singles.items():
             ax.scatter([np.mean(d[judge])], [np.mean(d["decoded"])], marker="x", label=name)
         ax.axvline(budgets[judge], color="red", ls=":", lw=1, label="art budget")
         ax.set_xlabel(label)
         ax.set_ylabel("decode rate")
-    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     from rl.image_io import save_figure
 
