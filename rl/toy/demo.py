@@ -355,7 +355,8 @@ def train_round(model, shard_folder: Path, controlnet_path: Path, out: Path, r: 
                 log: Callable[[str], None], strength: float,
                 optimizer_from: Path | None = None) -> tuple[Path, Path, dict[str, Any]]:
     """One offline training round on this round's shards (rl.train.train; ``cfg.train.objective``;
-    rwr trains the plain ControlNet at the round's base ``strength``, the AdamW state carried over
+    rwr trains the plain ControlNet at each step's recorded strength, or at the round's base ``strength``
+    with ``cfg.rwr_strength = "base"``; the AdamW state carried over
     from ``optimizer_from``, the previous round's run folder). Returns the new ControlNet and its run folder."""
     from .. import rounds
     from ..train import train
